@@ -1,0 +1,857 @@
+import copy
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import grader
+from grader import extract_answer, grade, is_equiv
+
+DATA = Path(__file__).resolve().parent.parent / "shared" / "data"  # the project's offline data, absent in a user's clone
+
+
+def read_jsonl(name):
+    if not (DATA / name).exists():
+        pytest.skip(f"{DATA / name} not found")
+    return [json.loads(line) for line in open(DATA / name)]
+
+
+# ---- grader ----
+@pytest.fixture(scope="module")
+def grader_helper():
+    # start the sympy helper process once, with time to spare, so a slow machine does not turn
+    # its start-up into wrong answers (a call that finds it still starting answers False)
+    assert grader._ask_helper("1", "1", time.monotonic() + 60)
+
+
+# (pred, gold, equal): already-extracted answers, so a clone without ../shared still tests the grader
+EQUIV_CASES = [
+    ("2,125", "2125", True),
+    ("18.0", "18", True),
+    ("10{,}000", "10000", True),
+    ("32, 349", "32349", False),  # a list, not a thousands separator
+    ("\\dfrac{3}{4}", "\\frac34", True),
+    ("3/4", "\\tfrac{3}{4}", True),
+    ("0.75", "\\frac{3}{4}", True),
+    ("0.333", "\\frac{1}{3}", False),  # too few places to be 1/3
+    ("0.3333333", "\\frac{1}{3}", True),
+    ("25", "0.25", False),  # no percent rescaling
+    ("0", "0.0009", False),  # no absolute tolerance
+    ("25\\%", "25", True),
+    ("\\$5.00", "5", True),
+    ("5\\text{ cm}", "5", True),
+    ("90^\\circ", "90", True),
+    ("\\left( 1, 2 \\right)", "(1,2)", True),
+    ("(1,2)", "(2,1)", False),
+    ("[0,9)", "(0,9)", False),
+    ("(1,2)", "(1,2,3)", False),
+    ("\\{2,1\\}", "\\{1,2\\}", True),
+    ("1,-2", "-2,1", True),
+    ("1,2", "1,2,2", False),
+    ("x = 3", "3", True),
+    ("(p,q)=(3,2)", "(3,2)", True),
+    ("2x+3y=6", "4x+6y=12", True),
+    ("x+y=1", "x-y=1", False),
+    ("x > 1", "1 < x", True),
+    ("x > 1", "x \\ge 1", False),
+    ("-2 \\le x < 7", "[-2,7)", True),
+    ("\\sqrt3", "\\sqrt{3}", True),
+    ("2\\sqrt{2}", "\\sqrt{8}", True),
+    ("\\sqrt{8}", "3", False),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", True),
+    ("\\sqrt[3]{8}", "2", True),
+    ("\\pi", "3.14", False),
+    ("2\\pi", "\\pi+\\pi", True),
+    ("(x+1)^2", "x^2+2x+1", True),
+    ("y^2+2y+1", "x^2+2x+1", False),
+    ("3+4i", "4i+3", True),
+    ("\\binom{5}{2}", "10", True),
+    ("5!", "120", True),
+    ("2\\frac{1}{2}", "2.5", True),  # a mixed number
+    ("1 \\pm \\sqrt{2}", "1-\\sqrt{2}, 1+\\sqrt{2}", True),
+    ("\\pm 3", "3", False),
+    ("\\text{(B)}", "B", True),
+    ("B", "C", False),
+    ("\\text{odd}", "odd", True),
+    ("\\text{even}", "odd", False),
+    ("\\begin{pmatrix}1 \\\\ 2\\end{pmatrix}", "\\begin{bmatrix}1\\\\2\\end{bmatrix}", True),
+    ("\\begin{pmatrix}1 \\\\ 2\\end{pmatrix}", "\\begin{pmatrix}1\\\\3\\end{pmatrix}", False),
+    ("(-\\infty, 1) \\cup (2, \\infty)", "(2,\\infty)\\cup(-\\infty,1)", True),
+    ("101_2", "5", False),  # base-n numbers are compared as written
+    ("", "0", False),
+]
+
+
+@pytest.mark.parametrize("pred, gold, equal", EQUIV_CASES)
+def test_is_equiv_inline(grader_helper, pred, gold, equal):
+    assert is_equiv(pred, gold) == equal
+    assert is_equiv(pred, gold) == equal  # and again, from the cache
+
+
+def test_inline_cases_are_a_third_negative():
+    assert len(EQUIV_CASES) >= 40 and sum(not e for _, _, e in EQUIV_CASES) >= len(EQUIV_CASES) / 3
+
+
+# (response, task, extracted answer)
+EXTRACT_CASES = [
+    ("She pays 9 * 2 = $<<9*2=18>>18.\n#### 18", "gsm8k", "18"),
+    ("So he made 1,450,000.\n#### 1,450,000", "gsm8k", "1,450,000"),
+    ("Step 1: 2+2=4. \\boxed{4}", "gsm8k", "4"),
+    ("The answer is 42. Check: 6 * 7.", "gsm8k", "42"),
+    ("I got 7, then 8", "gsm8k", "8"),
+    ("no number here", "gsm8k", None),
+    ("so $x = \\boxed{\\frac{1}{2}}$.", "math", "\\frac{1}{2}"),
+    ("\\boxed{1} or \\boxed{\\{1, 2\\}}", "math", "\\{1, 2\\}"),
+    ("\\fbox{7}", "math", "7"),
+    ("hence $\\boxed 5$", "math", "5"),
+    ("so the answer is \\boxed{\\frac{1}{2}", "math", None),  # cut off by the length limit
+    ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "math", "\\frac{3}{4}"),
+    ("the answer is 5", "math", None),
+]
+
+
+@pytest.mark.parametrize("text, task, answer", EXTRACT_CASES)
+def test_extract_answer(text, task, answer):
+    assert extract_answer(text, task) == answer
+
+
+def test_grade(grader_helper):
+    assert grade("3 + 4 = 7\n#### 7", "7", "gsm8k") == 1.0
+    assert grade("3 + 4 = 7\n#### 7", "8", "gsm8k") == 0.0
+    assert grade("Thus $\\boxed{\\dfrac{1}{2}}$.", "0.5", "math") == 1.0
+    assert grade("Thus $\\boxed{\\dfrac{1}{2}}$.", "\\frac{1}{3}", "math") == 0.0
+    assert grade("no answer", "1", "math") == 0.0
+
+
+def test_grader_cases_file(grader_helper):
+    cases = read_jsonl("grader_cases.jsonl")
+    wrong = []
+    for c in cases:
+        judged = is_equiv(c["pred"], c["gold"]) if c["extracted"] else grade(c["pred"], c["gold"], c["kind"]) == 1.0
+        if judged != c["equal"]:
+            wrong.append(c)
+    for c in wrong:
+        print(f"wrong ({c['source']}): {c['pred'][-120:]!r} vs {c['gold']!r}, labelled {c['equal']}")
+    assert len(cases) == 282 and len(cases) - len(wrong) >= 279
+
+
+def test_math500_references(grader_helper):
+    rows = read_jsonl("math500.jsonl")
+    wrong = [r["answer"] for r in rows if grade(r["solution"], r["answer"], "math") != 1.0]
+    assert len(rows) == 500 and not wrong, wrong
+
+
+def test_gsm8k_references():
+    rows = read_jsonl("gsm8k_test.jsonl")
+    wrong = [r["answer"] for r in rows if grade(r["answer"], r["answer"].split("####")[-1].strip(), "gsm8k") != 1.0]
+    assert len(rows) == 1319 and not wrong, wrong
+
+
+ADVERSARIAL = ["9^{9^{9}}", "37452^{18374514}", "(9999!)^{9999!}", "\\boxed{\\frac{1}{2}", "{" * 5000, "}{" * 5000,
+               "1" * 100_000, "\\frac{" * 2000, "(" * 3000 + "1" + ")" * 3000, "\\sqrt{" * 400 + "2" + "}" * 400,
+               "__import__('os').system('echo hacked')", "x.__class__", "1," * 20_000, "2^{2^{2^{2^{2}}}}", None, ""]
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
+def test_adversarial_inputs_are_fast_and_safe(grader_helper, text):
+    for call in (lambda: is_equiv(text, "1"), lambda: is_equiv("1", text), lambda: grade(text, "1", "math"),
+                 lambda: grade(text, "1", "gsm8k"), lambda: extract_answer(text, "math"), lambda: extract_answer(text, "gsm8k")):
+        start = time.monotonic()
+        call()  # must not raise
+        assert time.monotonic() - start < 2.0
+
+
+def test_time_limit_holds_in_worker_threads(grader_helper):
+    def timed(pred):
+        start = time.monotonic()
+        is_equiv(pred, "1")
+        return time.monotonic() - start
+
+    with ThreadPoolExecutor(3) as pool:  # a hanging comparison in each thread: no signal-based alarm can stop these
+        assert max(pool.map(timed, ["(9999!)^{9998!}", "(9998!)^{9999!}", "(9997!)^{9999!}"])) < 2.0
+    assert is_equiv("\\frac{1}{2}", "0.5")  # and the helper was replaced by a working one
+
+
+# ---- vineppo: reasoning steps ----
+import math
+import os
+
+import torch
+
+import vineppo
+from vineppo import (Episode, make_episode, ppo_loss, split_steps, step_advantages, steps_of_tokens,
+                     token_advantages, vine_values, whiten)
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    return vineppo.build_char_tokenizer()
+
+
+@pytest.mark.parametrize("text, steps", [
+    ("\n7+8=15\n15-3=12\n#### 12\n", ["\n7+8=15\n", "15-3=12\n#### 12\n"]),  # leading blank joins the first step
+    ("a\n\nb\n#### 3", ["a\n", "\nb\n#### 3"]),                               # a blank line joins the next step
+    ("one line, no newline", ["one line, no newline"]),
+    ("x\n#### 5\n\n", ["x\n#### 5\n\n"]),                                    # trailing blanks join the last step
+    ("#### 5", ["#### 5"]),                                                  # the answer alone is a step
+    ("", [""]),
+    ("\n\n", ["\n\n"]),
+])
+def test_split_steps_known_answers_and_round_trip(text, steps):
+    assert split_steps(text) == steps
+    assert "".join(split_steps(text)) == text
+
+
+def test_split_steps_round_trips_real_solutions():
+    for row in read_jsonl("gsm8k_test.jsonl")[:300] + read_jsonl("math500.jsonl")[:100]:
+        text = "\n" + row.get("answer", row.get("solution")) + "\n"
+        assert "".join(split_steps(text)) == text
+
+
+def test_tokens_map_to_the_step_holding_their_first_character():
+    steps = ["ab\n", "cd\n", "#"]
+    # a 2-char token starting at 2 ("\nc") belongs to step 0, one starting at 3 to step 1
+    assert steps_of_tokens(steps, [0, 2, 4, 6, 7]) == [0, 0, 1, 2, 2]
+
+
+def test_episode_steps_from_a_sampled_response(char_tokenizer):
+    tok = char_tokenizer
+    response = tok("\n1+2=3\n3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
+    ep = make_episode([5, 6], response, "7", "gsm8k", tok)
+    assert ep.steps == ["\n1+2=3\n", "3+4=7\n#### 7\n"]
+    assert ep.reward == 1.0
+    # 7 characters in step 0, the rest (13 chars) and EOS in step 1
+    assert ep.step_of_token == [0] * 7 + [1] * 13 + [1]
+    assert ep.state(0) == [5, 6]
+    assert ep.state(1) == [5, 6] + response[:7]
+    wrong = make_episode([5], tok("\n1+2=4\n#### 4\n").input_ids + [tok.eos_token_id], "3", "gsm8k", tok)
+    cut_off = make_episode([5], tok("\n1+2=3\n#### 3\n").input_ids, "3", "gsm8k", tok)  # no EOS
+    no_answer = make_episode([5], tok("\nI do not know\n").input_ids + [tok.eos_token_id], "3", "gsm8k", tok)
+    assert (wrong.reward, cut_off.reward, no_answer.reward) == (0.0, 0.0, 0.0)
+
+
+# ---- vineppo: values and advantages ----
+def test_step_advantages_hand_computed():
+    # V(s_0..s_3) = 0.5, 0.8, 0.2, and V(s_T) = 0; the reward 1 comes on the last step
+    assert step_advantages([0.5, 0.8, 0.2, 0.0], 1.0) == pytest.approx([0.3, -0.6, 0.8])
+    assert step_advantages([0.5, 0.8, 0.2, 0.0], 0.0) == pytest.approx([0.3, -0.6, -0.2])
+    ep = Episode([1], [10, 11, 12, 13], "1", ["a", "b", "c"], [0, 1, 1, 2], 1.0, values=[0.5, 0.8, 0.2, 0.0])
+    assert token_advantages(ep) == pytest.approx([0.3, -0.6, -0.6, 0.8])
+
+
+def test_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the padding (99) is ignored
+    w = whiten(x, mask)
+    assert w[0, :3].tolist() == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5)], rel=1e-4)
+    assert w[0, 3] == 0
+
+
+def make_stub_episode(prompt, steps, reward):
+    """An episode whose response tokens are one token a character (char codes)."""
+    response = [ord(c) for c in "".join(steps)]
+    step_of_token = [i for i, s in enumerate(steps) for _ in s]
+    return Episode(list(prompt), response, "gold", steps, step_of_token, reward)
+
+
+def test_vine_values_stub_sampler_known_means_and_dedup():
+    # two responses to the same prompt share s_0; each state's completions are known:
+    # the stub returns K completions of which `wins[len(state)]` are correct
+    a = make_stub_episode([1, 2], ["ab", "cd", "e"], reward=1.0)
+    b = make_stub_episode([1, 2], ["ab", "xy"], reward=0.0)
+    wins = {2: 3, 4: 1, 6: 2}  # state length -> correct completions out of K=4
+    calls = []
+
+    def sample_fn(states, n):
+        calls.append([tuple(s) for s in states])
+        return [[[1]] * wins[len(s)] + [[0]] * (n - wins[len(s)]) for s in states]
+
+    n_states = vine_values([a, b], sample_fn, lambda ep, state, c: float(c == [1]), k=4)
+    assert len(calls) == 1  # one batched call for the whole iteration
+    assert sorted(map(len, calls[0])) == [2, 4, 6] and len(set(calls[0])) == 3 == n_states  # s_0 and s_1 shared
+    assert a.values == pytest.approx([0.75, 0.25, 0.5, 0.0])  # terminal value 0
+    assert b.values == pytest.approx([0.75, 0.25, 0.0])
+    assert step_advantages(a.values, a.reward) == pytest.approx([-0.5, 0.25, 0.5])
+
+
+def test_vine_values_cap_uses_the_realized_return():
+    a = make_stub_episode([1], ["ab", "cd", "e"], reward=1.0)
+    vine_values([a], lambda states, n: [[[0]] * n for _ in states], lambda ep, s, c: 0.0, k=2, max_steps=1)
+    assert a.values == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_vine_grades_prefix_plus_completion(char_tokenizer):
+    """The reward of a completion is the grade of the whole solution: the prefix's steps and the completion."""
+    tok = char_tokenizer
+    prompt = tok("Q").input_ids
+    response = tok("\n1+2=3\n#### 3\n").input_ids + [tok.eos_token_id]
+    ep = make_episode(prompt, response, "3", "gsm8k", tok)
+    tail = tok("#### 3\n").input_ids + [tok.eos_token_id]
+    reward_fn = lambda e, state, c: vineppo.score(list(state[len(e.prompt_ids):]) + c, e.gold, "gsm8k", tok)
+    vine_values([ep], lambda states, n: [[tail] * n for _ in states], reward_fn, k=3)
+    assert ep.values == [1.0, 0.0]
+
+
+# ---- vineppo: the PPO loss ----
+def test_ppo_loss_hand_computed_with_and_without_clipping():
+    ratio = torch.tensor([[1.5, 0.5, 1.1, 1.0]])
+    old = torch.zeros(1, 4)
+    logp = torch.log(ratio)
+    adv = torch.tensor([[1.0, 1.0, -1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last position is padding
+    loss, stats = ppo_loss(logp, old, logp, adv, mask, clip_eps=0.2, kl_coef=0.1)
+    # min(1.5*1, 1.2*1) = 1.2 (clipped); min(0.5, 0.8) = 0.5 (unclipped); min(-1.1, -1.1) = -1.1
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 1.1) / 3)
+    assert stats["clip_frac"] == pytest.approx(2 / 3) and stats["kl"] == 0.0
+    # gradient flows only through the unclipped terms
+    logp = torch.log(ratio).requires_grad_()
+    ppo_loss(logp, old, logp.detach(), adv, mask, 0.2, 0.0)[0].backward()
+    assert logp.grad[0].tolist() == pytest.approx([0.0, -0.5 / 3, 1.1 / 3, 0.0])
+
+
+def test_k3_kl_zero_at_reference_positive_elsewhere():
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, -2.0]])
+    mask = torch.ones(2, 2)
+    zero = torch.zeros(2, 2)
+    assert ppo_loss(logp, logp, logp, zero, mask, 0.2, 1.0)[1]["kl"] == 0.0
+    ref = logp + torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
+    loss, stats = ppo_loss(logp, logp, ref, zero, mask, 0.2, kl_coef=1e-4)
+    k3 = lambda d: math.exp(d) - d - 1
+    expected = (k3(0.5) + k3(-0.5)) / 2  # summed over a response's tokens, averaged over responses
+    assert stats["kl"] == pytest.approx(expected) and loss.item() == pytest.approx(1e-4 * expected)
+    huge = ppo_loss(logp, logp, logp + 30.0, zero, mask, 0.2, 1.0)[1]["kl"]
+    assert huge == pytest.approx(10.0 * 2)  # clamped to 10 per token, 2 tokens a response
+
+
+# ---- vineppo: one real update of a tiny model ----
+@pytest.fixture(scope="module")
+def tiny_model(char_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(char_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=char_tokenizer.pad_token_id, eos_token_id=char_tokenizer.eos_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_model, char_tokenizer):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_model.save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def update_once(policy, episodes, lr=1e-2, **overrides):
+    args = vineppo.Args(ppo_epochs=1, minibatch_size=len(episodes), micro_batch_size=1, lr=lr, temperature=1.0,
+                        kl_coef=0.0, **overrides)
+    reference = __import__("copy").deepcopy(policy)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return vineppo.train_on_episodes(policy, reference, optimizer, scheduler, episodes, args, torch.device("cpu"),
+                                     0, __import__("random").Random(0))
+
+
+def step_logprob(model, ep, step):
+    ids = torch.tensor([ep.prompt_ids + ep.response_ids])
+    logp = vineppo.token_logprobs(model, ids, torch.ones_like(ids), 1.0)[0, len(ep.prompt_ids) - 1:]
+    return sum(lp for lp, s in zip(logp.tolist(), ep.step_of_token) if s == step)
+
+
+def test_one_update_raises_a_good_step_and_lowers_a_bad_one(tiny_model, char_tokenizer):
+    tok, policy = char_tokenizer, __import__("copy").deepcopy(tiny_model)
+    ep = make_episode(tok("Q:").input_ids, tok("\n1+1=2\n2+1=4\n").input_ids + [tok.eos_token_id], "3", "gsm8k", tok)
+    ep.values = [0.5, 1.0, 0.0]  # step 0 raised the value (+0.5), step 1 lost it all (0 + 0 - 1 = -1)
+    ep.advantages = token_advantages(ep)
+    before = [step_logprob(policy, ep, s) for s in (0, 1)]
+    stats = update_once(policy, [ep])
+    after = [step_logprob(policy, ep, s) for s in (0, 1)]
+    assert stats["optimizer_steps"] == 1
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_non_finite_loss_skips_the_update(tiny_model, char_tokenizer):
+    tok, policy = char_tokenizer, __import__("copy").deepcopy(tiny_model)
+    ep = make_episode(tok("Q:").input_ids, tok("\n1\n").input_ids + [tok.eos_token_id], "1", "gsm8k", tok)
+    ep.advantages = [float("nan")] * len(ep.response_ids)
+    before = [p.clone() for p in policy.parameters()]
+    with pytest.warns(UserWarning, match="non-finite"):
+        stats = update_once(policy, [ep])
+    assert stats["optimizer_steps"] == 0 and stats["skipped"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_sampler_returns_n_continuations_ending_in_eos_or_cut_off(tiny_model, char_tokenizer):
+    tok = char_tokenizer
+    prompts = [tok("ab").input_ids, tok("abcdef").input_ids]
+    outs = vineppo.sample(tiny_model, tok, prompts, 3, 1.0, 1.0, max_new_tokens=5, batch_size=4)
+    assert [len(o) for o in outs] == [3, 3]
+    for c in (c for o in outs for c in o):
+        assert (c[-1] == tok.eos_token_id and tok.eos_token_id not in c[:-1]) or (len(c) == 5 and tok.eos_token_id not in c)
+
+
+# ---- vineppo: the command line, end to end ----
+TINY_RUN = ["--iterations", "2", "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "2",
+            "--minibatch-size", "2", "--max-new-tokens", "24", "--eval-problems", "4", "--eval-every", "1",
+            "--toy-sft-steps", "3"]
+CONTRACT_KEYS = {"iteration", "train/reward", "loss/policy", "kl", "clip_frac", "time/sample", "time/vine",
+                 "time/train", "tokens/policy", "tokens/vine"}
+
+
+def run_main(argv):
+    vineppo.main(argv)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy-run")
+    out = root / "out"
+    run_main(TINY_RUN + ["--output-dir", str(out), "--toy-cache-dir", str(root / "cache")])
+    return root, out
+
+
+def test_two_iteration_toy_run_writes_the_contract_outputs(toy_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    root, out = toy_run
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "arith" and config["iterations"] == 2 and config["k"] == 2
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    for m in metrics[:2]:
+        assert CONTRACT_KEYS <= m.keys()
+        assert 0.0 <= m["train/reward"] <= 1.0 and m["tokens/vine"] > 0
+    assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[-1]  # before the first and after the last update
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.vocab_size == len(tok)
+    assert len(list((root / "cache").iterdir())) == 1  # the warm-started toy model is cached
+
+
+def test_same_seed_same_metrics(toy_run):
+    root, out = toy_run
+    again = root / "again"
+    run_main(TINY_RUN + ["--output-dir", str(again), "--toy-cache-dir", str(root / "cache")])
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in ms]
+    assert strip(read_metrics(again)) == strip(read_metrics(out))
+
+
+def test_arith_train_and_test_never_overlap_and_are_seeded():
+    train, test = vineppo.arith_splits(0)
+    assert not {p["problem"] for p in train} & {p["problem"] for p in test}
+    assert vineppo.arith_splits(0)[1] == test and vineppo.arith_splits(1)[1] != test
+    p = test[0]
+    assert grade(p["solution"], p["answer"], "gsm8k") == 1.0
+    assert len(split_steps(vineppo.format_response(p["solution"]))) >= 3
+
+
+def test_gsm8k_from_a_local_data_file(tmp_path, tiny_model_dir):
+    rows = [{"question": f"What is {a} plus 1?", "answer": f"{a}+1=<<{a}+1={a + 1}>>{a + 1}\n#### {a + 1}"}
+            for a in range(12)]
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    run_main(["--dataset", "gsm8k", "--data-file", str(data), "--model", tiny_model_dir, "--iterations", "1",
+              "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "1", "--minibatch-size", "4",
+              "--max-new-tokens", "8", "--eval-samples", "1", "--output-dir", str(out)])
+    assert len(read_metrics(out)) == 2
+    assert vineppo.gsm8k_row(rows[3]) == {"problem": "What is 3 plus 1?", "solution": "3+1=4\n#### 4", "answer": "4"}
+
+
+# ---- vineppo: bad input gets a clear error ----
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "svamp"], "unknown --dataset 'svamp'"),
+    (["--algo", "grpo"], "unknown --algo 'grpo'"),
+    (["--gae-lambda", "2"], "--gae-lambda must be in [0, 1]"),
+    (["--engine", "vllm"], "not implemented yet"),
+    (["--k", "0"], "--k must be at least 1"),
+    (["--samples-per-prompt", "0"], "--samples-per-prompt must be at least 1"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+])
+def test_bad_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        vineppo.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ('{"question": "q", "answer": "#### 1"}\n{not json}\n', ":2 is not valid JSON"),
+    ('{"question": "q"}\n', ":1 lacks field(s) answer"),
+    ("\n\n", "holds no problems"),
+])
+def test_bad_data_files(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_main(["--dataset", "gsm8k", "--data-file", str(path), "--model", str(tmp_path)])
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(SystemExit, match="is not a directory"):
+        run_main(["--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "out")])
+
+
+def test_offline_hub_fails_fast_with_the_offline_options(tmp_path, monkeypatch):
+    monkeypatch.setattr(vineppo, "hub_reachable", lambda timeout=3.0: False)
+    for argv in (["--dataset", "gsm8k"], ["--model", "someone/no-such-model"]):
+        t = time.time()
+        with pytest.raises(SystemExit) as e:
+            run_main(argv + ["--output-dir", str(tmp_path / "out"), "--toy-cache-dir", str(tmp_path)])
+        assert time.time() - t < 10
+        assert "cannot reach the Hugging Face Hub" in str(e.value.code)
+        assert "--data-file" in str(e.value.code) and "--dataset arith" in str(e.value.code)
+
+
+def test_ctrl_c_saves_what_is_done(toy_run, tmp_path, monkeypatch):
+    root, _ = toy_run
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vineppo, "vine_values", interrupt)
+    with pytest.raises(SystemExit) as e:
+        run_main(TINY_RUN + ["--output-dir", str(tmp_path / "out"), "--toy-cache-dir", str(root / "cache")])
+    assert e.value.code == 130
+    assert (tmp_path / "out" / "final" / "config.json").exists()
+
+
+# ---- vineppo: the PPO baseline (critic, GAE, value loss), value analysis, plots ----
+from vineppo import (Critic, ValueState, critic_state_values, explained_variance, gae_advantages, make_next_step_fn,
+                     plot_main, plot_runs, ranking_accuracy, terminal_rewards, token_values, train_seconds,
+                     value_analysis, value_loss)
+
+
+# ---- GAE ----
+def test_terminal_rewards_sit_on_the_last_response_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1.0]])
+    r = terminal_rewards(torch.tensor([1.0, 0.5]), mask)
+    assert r.tolist() == [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0.5]]
+
+
+def test_gae_lambda_1_single_terminal_reward_is_return_minus_value():
+    # row 0: prompt at 0-1, response at 2-4, padding at 5; row 1: response to the end of the row
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1.0]])
+    values = torch.tensor([[9, 9, 0.2, 0.5, 0.7, 9], [9, 0.1, 0.2, 0.3, 0.4, 0.5]])  # 9: ignored (not response)
+    rewards = terminal_rewards(torch.tensor([1.0, 0.0]), mask)
+    adv, ret = gae_advantages(values, rewards, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(adv, torch.tensor([[0, 0, 0.8, 0.5, 0.3, 0], [0, -0.1, -0.2, -0.3, -0.4, -0.5]]))
+    assert torch.allclose(ret, torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0.0]]))
+
+
+def test_gae_lambda_below_1_hand_computed():
+    mask = torch.tensor([[1, 1, 1, 0.0]])
+    values = torch.tensor([[0.5, 0.8, 0.2, 7.0]])  # the padding's 7 must not leak into V after the last token
+    rewards = torch.tensor([[0, 0, 1, 0.0]])
+    # deltas: 0.8-0.5 = 0.3, 0.2-0.8 = -0.6, 1-0.2 = 0.8; A_2 = 0.8, A_1 = -0.6+0.5*0.8 = -0.2, A_0 = 0.3+0.5*(-0.2)
+    adv, ret = gae_advantages(values, rewards, mask, gamma=1.0, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([0.2, -0.2, 0.8, 0.0])
+    assert ret[0].tolist() == pytest.approx([0.7, 0.6, 1.0, 0.0])
+    # gamma 0.9: deltas 0.9*0.8-0.5 = 0.22, 0.9*0.2-0.8 = -0.62, 0.8; A_1 = -0.62+0.45*0.8, A_0 = 0.22+0.45*A_1
+    adv, _ = gae_advantages(values, rewards, mask, gamma=0.9, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([0.22 + 0.45 * -0.26, -0.26, 0.8, 0.0])
+    # lambda 0 is one-step TD: with one token a step it is exactly vine's step advantage
+    adv, _ = gae_advantages(values, rewards, mask, gamma=1.0, lam=0.0)
+    assert adv[0, :3].tolist() == pytest.approx(vineppo.step_advantages([0.5, 0.8, 0.2, 0.0], 1.0))
+
+
+# ---- value loss ----
+def test_value_loss_hand_computed_with_and_without_clipping():
+    old = torch.tensor([[0.5, 0.5, 0.5, 0.0]])
+    returns = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0.0]])  # the last position is padding
+    values = torch.tensor([[0.5, 0.9, 0.9, 5.0]], requires_grad=True)
+    loss, stats = value_loss(values, old, returns, mask, clip=0.2)
+    # a: unmoved, (0.5-1)^2 = 0.25 both ways; b: clip(0.9) = 0.7, max(0.01, 0.09) = 0.09 (clip active);
+    # c: clip(0.9) = 0.7, max(0.81, 0.49) = 0.81 (clip inactive: the unclipped error is larger)
+    assert loss.item() == pytest.approx(0.5 * (0.25 + 0.09 + 0.81) / 3)
+    assert stats["value_clip_frac"] == pytest.approx(1 / 3)
+    loss.backward()
+    # no gradient through the clipped (constant) term of b, nor from the padding
+    assert values.grad[0].tolist() == pytest.approx([(0.5 - 1) / 3, 0.0, 0.9 / 3, 0.0])
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 0.0, 1.0, 0.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0.0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 0.5), returns, mask) == pytest.approx(0.0)
+    assert explained_variance(1 - returns, returns, mask) == pytest.approx(-3.0)  # Var(2R - 1) / Var(R) = 4
+
+
+# ---- the critic ----
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_critic_head_gets_gradient_and_its_loss_falls(tiny_lm):
+    policy_before = copy.deepcopy(tiny_lm.state_dict())
+    torch.manual_seed(0)
+    critic = Critic.from_policy(tiny_lm)
+    assert critic.value_head.weight.std().item() == pytest.approx(1 / (33 ** 0.5), rel=0.5)
+    assert critic.value_head.bias.item() == 0.0
+    input_ids = torch.randint(1, 100, (4, 7))
+    attn = torch.ones_like(input_ids)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1.0]])
+    rewards = terminal_rewards(torch.tensor([1.0, 0.0, 1.0, 0.0]), mask)
+    with torch.no_grad():
+        old = token_values(critic, input_ids, attn)  # [4, 6]
+    assert old.shape == (4, 6)
+    _, returns = gae_advantages(old, rewards, mask)
+    opt = torch.optim.AdamW(critic.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(8):
+        loss, _ = value_loss(token_values(critic, input_ids, attn), old, returns, mask, clip=10.0)
+        opt.zero_grad()
+        loss.backward()
+        if not losses:
+            assert critic.value_head.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    # the policy is untouched: the critic trains its own copy of the transformer
+    assert all(torch.equal(v, tiny_lm.state_dict()[k]) for k, v in policy_before.items())
+
+
+def test_critic_save_load_round_trip(tiny_lm, tmp_path):
+    critic = Critic.from_policy(tiny_lm).eval()
+    torch.nn.init.normal_(critic.value_head.bias)  # something other than the init, to see it saved
+    critic.save_pretrained(tmp_path / "critic")
+    assert (tmp_path / "critic" / "value_head.pt").exists() and (tmp_path / "critic" / "config.json").exists()
+    loaded = Critic.from_pretrained(tmp_path / "critic").eval()
+    input_ids = torch.randint(1, 100, (2, 5))
+    attn = torch.ones_like(input_ids)
+    with torch.no_grad():
+        assert torch.allclose(critic(input_ids, attn), loaded(input_ids, attn), atol=1e-6)
+
+
+def test_critic_state_values_read_each_state_at_its_last_token(tiny_lm):
+    critic = Critic.from_policy(tiny_lm).eval()
+    states = [[5, 6, 7], [8, 9], [10]]
+    got = critic_state_values(critic, states, pad_id=0, batch_size=2)  # right padding: causal, so no effect
+    with torch.no_grad():
+        want = [critic(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, -1].item() for s in states]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+# ---- value analysis ----
+def test_next_step_fn_cuts_after_the_first_step():
+    tok = vineppo.build_char_tokenizer()
+    next_step = make_next_step_fn(tok)
+    state = ValueState([1, 2], 0, 3, "ep")
+    completion = tok("\n1+2=3\n3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
+    new = next_step(state, completion)
+    assert new.ids == [1, 2] + completion[:7] and new.t == 1 and new.num_steps == 3  # "\n1+2=3\n": 7 chars
+    last = tok("3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
+    assert next_step(state, last) is None  # a single step ends the response: nothing to rank
+
+
+def test_ranking_accuracy_counts_ties_as_half_and_skips_equal_truths():
+    # (truth, estimate) pairs. First: (1.0 vs 0.0) right, (1.0 vs 0.5) estimate tie -> 0.5, (0.0 vs 0.5) right;
+    # second: wrong, tie, wrong
+    assert ranking_accuracy([[(1.0, 0.9), (0.0, 0.1), (0.5, 0.9)]]) == (pytest.approx(2.5 / 3), 3)
+    assert ranking_accuracy([[(1.0, 0.9), (0.0, 0.95), (0.5, 0.9)]]) == (pytest.approx(0.5 / 3), 3)
+    assert ranking_accuracy([[(0.5, 0.1), (0.5, 0.9)], [(1.0, 0.0)]]) [1] == 0  # equal truths: not a pair
+
+
+def stub_sampler(plan, calls):
+    """Completions fixed per state; a completion's last token is its outcome (1 correct)."""
+    def sample_fn(states, n):
+        calls.append((len(states), n))
+        assert all(len(plan[tuple(s)]) == n for s in states)
+        return [plan[tuple(s)] for s in states]
+    return sample_fn
+
+
+def test_value_analysis_stub_known_mae_and_ranking():
+    A, B = ValueState([1], 0, 2, "ep"), ValueState([1, 2], 1, 2, "ep")  # A early, B late (t >= T/2)
+    o = lambda *outcomes: [[x] for x in outcomes]
+    plan = {  # rollouts 4 (truth) | K 2 (MC) | 3 alternative next steps (first token = the step)
+        (1,): o(1, 1, 1, 0) + o(1, 1) + [[5, 1], [6, 0], [7, 1]],       # truth 0.75, MC 1.0
+        (1, 2): o(1, 1, 0, 0) + o(0, 0) + [[8, 1], [9], [10, 0]],       # truth 0.5, MC 0.0; [9] ends: dropped
+        (1, 5): o(1, 1, 1, 1) + o(1, 0), (1, 6): o(0, 0, 0, 0) + o(1, 0), (1, 7): o(1, 1, 0, 0) + o(1, 1),
+        (1, 2, 8): o(1, 0, 0, 0) + o(0, 0), (1, 2, 10): o(0, 1, 0, 0) + o(1, 1),  # equal truths: no pair
+    }
+    critic = {(1,): 0.7, (1, 2): 0.25, (1, 5): 0.9, (1, 6): 0.1, (1, 7): 0.1, (1, 2, 8): 0.3, (1, 2, 10): 0.3}
+    calls, critic_calls = [], []
+
+    def critic_fn(states):
+        critic_calls.append(len(states))
+        return [critic[tuple(s)] for s in states]
+
+    next_step = lambda s, c: ValueState(s.ids + c[:1], s.t + 1, s.num_steps, s.episode) if len(c) > 1 else None
+    m = value_analysis([A, B], stub_sampler(plan, calls), lambda ep, ids, c: float(c[-1] == 1), k=2, rollouts=4,
+                       next_step_fn=next_step, critic_fn=critic_fn, alternatives=3)
+    assert calls == [(2, 9), (5, 6)] and critic_calls == [7]  # two sampler calls, one critic call
+    assert m["value/mae_mc"] == pytest.approx((0.25 + 0.5) / 2)
+    assert (m["value/mae_mc_early"], m["value/mae_mc_late"]) == pytest.approx((0.25, 0.5))
+    assert m["value/mae_critic"] == pytest.approx((0.05 + 0.25) / 2)
+    assert (m["value/mae_critic_early"], m["value/mae_critic_late"]) == pytest.approx((0.05, 0.25))
+    # A's alternatives: truths 1, 0, 0.5. MC 0.5, 0.5, 1: tie (0.5), wrong, right -> 1.5 / 3.
+    # critic 0.9, 0.1, 0.1: right, right, tie -> 2.5 / 3
+    assert m["value/rank_pairs"] == 3
+    assert m["value/rank_acc_mc"] == pytest.approx(0.5)
+    assert m["value/rank_acc_critic"] == pytest.approx(2.5 / 3)
+    # under --algo vineppo there is no critic: only the MC keys
+    m = value_analysis([A, B], stub_sampler(plan, []), lambda ep, ids, c: float(c[-1] == 1), k=2, rollouts=4,
+                       next_step_fn=next_step, alternatives=3)
+    assert not any("critic" in key for key in m) and m["value/rank_acc_mc"] == pytest.approx(0.5)
+
+
+# ---- plots ----
+def write_run(path, algo, records):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"algo": algo}))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in records))
+    return path
+
+
+def test_train_seconds_leave_out_evaluation_and_count_earlier_iterations():
+    records = [{"iteration": 0, "time/eval": 100, "time/sample": 1, "time/train": 2},
+               {"iteration": 1, "time/sample": 3, "time/value_analysis": 50},
+               {"iteration": 2, "time/eval": 100}]
+    assert train_seconds(records) == [0, 3, 6]
+
+
+def test_plot_two_runs_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    t = {"time/sample": 30.0, "time/train": 30.0}
+    a = write_run(tmp_path / "vine", "vineppo", [
+        {"iteration": 0, "eval/accuracy": 0.2, "time/eval": 5.0, "value/mae_mc": 0.05, "value/mae_mc_early": 0.04,
+         "value/mae_mc_late": 0.06, "value/rank_acc_mc": 0.8, **t},
+        {"iteration": 1, **t}, {"iteration": 2, "eval/accuracy": 0.5, "value/mae_mc": 0.04, "value/rank_acc_mc": 0.9}])
+    b = write_run(tmp_path / "ppo", "ppo", [
+        {"iteration": 0, "eval/accuracy": 0.2, "value/mae_critic": 0.2, "value/rank_acc_critic": 0.5, **t},
+        {"iteration": 1, **t}, {"iteration": 2, "eval/accuracy": 0.3, "value/mae_critic": 0.15}])
+    out = plot_runs([a, b], tmp_path / "cmp.png")
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    plot_main([str(a), str(b), "--out", str(tmp_path / "cli.png")])  # the `plot` subcommand's entry
+    assert (tmp_path / "cli.png").stat().st_size > 1000
+
+
+def test_plot_without_matplotlib_says_so_in_one_line(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        plot_runs([tmp_path], tmp_path / "x.png")
+
+
+def test_plot_names_a_directory_that_is_not_a_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit, match="not a readable run directory"):
+        plot_runs([tmp_path], tmp_path / "x.png")
+
+
+def test_two_iteration_ppo_run_writes_outputs_and_a_loadable_critic(tmp_path, toy_run):
+    root, _ = toy_run
+    out = tmp_path / "ppo"
+    run_main(TINY_RUN + ["--algo", "ppo", "--output-dir", str(out), "--toy-cache-dir", str(root / "cache"),
+                         "--value-analysis-every", "2", "--value-analysis-problems", "2",
+                         "--value-analysis-rollouts", "4", "--value-analysis-alternatives", "2"])
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    for m in metrics[:2]:
+        assert CONTRACT_KEYS <= m.keys() and "value/loss" in m and "value/explained_variance" in m
+    assert "value/mae_mc" in metrics[0] and "value/mae_critic" in metrics[-1]
+    critic = Critic.from_pretrained(out / "final" / "critic")
+    assert critic.value_head.weight.shape[1] == critic.backbone.config.hidden_size
+    credit = (out / "credit.md").read_text()
+    assert credit.count("## iteration") == 2 and "V=" in credit and "A=" in credit
+
+
+def test_credit_report_shows_value_standard_error_and_advantage():
+    ep = make_stub_episode([1], ["7+1=8\n", "#### 8"], reward=1.0)
+    ep.values = [0.5, 1.0, 0.0]
+    ep.advantages = token_advantages(ep)
+    plain = vineppo.credit_report(ep, 9, "vineppo", color=False).splitlines()
+    assert plain[1].startswith("V=0.50 +- 0.17") and "A=+0.50" in plain[1]  # sqrt(0.25 / 9) = 0.167
+    assert plain[2].startswith("V=1.00 +- 0.00") and "A=+0.00" in plain[2]
+    coloured = vineppo.credit_report(ep, 9, "vineppo", color=True).splitlines()
+    assert coloured[1].startswith("\033[32m")
+
+
+# ---- vineppo: tokenizer offsets, context limits, more bad input ----
+def merged_tokenizer():
+    """A BPE tokenizer with one merge ('a' + 'b' -> 'ab'), so a sampled 'a','b' is not canonical."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "</s>": 1, "a": 2, "b": 3, "c": 4, "\n": 5, "ab": 6}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>")
+
+
+def test_token_char_starts_use_offsets_and_survive_non_canonical_samples():
+    tok = merged_tokenizer()
+    assert vineppo.token_char_starts([6, 4, 5, 6, 1], tok) == [0, 2, 3, 4, 6]  # canonical: the tokenizer's offsets
+    assert vineppo.token_char_starts([2, 3, 5, 2, 3, 1], tok) == [0, 1, 2, 3, 4, 5]  # 'a','b' sampled apart
+    ep = make_episode([0], [2, 3, 5, 6, 1], "1", "gsm8k", tok)  # "ab\n" + "ab"
+    assert ep.steps == ["ab\n", "ab"] and ep.step_of_token == [0, 0, 0, 1, 1]
+
+
+def test_sampling_never_runs_past_the_model_context(tiny_model, char_tokenizer):
+    context = tiny_model.config.max_position_embeddings
+    near_full = [7] * (context - 2)
+    outs = vineppo.sample(tiny_model, char_tokenizer, [near_full, [7] * context], 2, 1.0, 1.0, 50, 4)
+    assert all(len(c) <= 2 for c in outs[0]) and outs[1] == [[], []]  # a full context: cut off (reward 0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
+    (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)"),
+    (["--data-file", "x.jsonl"], "--data-file and --eval-data-file need --dataset gsm8k"),
+])
+def test_more_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        vineppo.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_gsm8k_row_without_a_final_answer_names_its_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"question": "q", "answer": "2+2=4\\n#### 4"}\n{"question": "q", "answer": "no answer here"}\n')
+    with pytest.raises(SystemExit, match=":2 has no final answer"):
+        vineppo.read_jsonl(path, "gsm8k")
+
+
+def test_local_eval_file_is_the_test_set(tmp_path):
+    rows = lambda n: "".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(n))
+    (tmp_path / "train.jsonl").write_text(rows(10))
+    (tmp_path / "test.jsonl").write_text(rows(3))
+    args = vineppo.parse_args(["--dataset", "gsm8k", "--data-file", str(tmp_path / "train.jsonl"),
+                               "--eval-data-file", str(tmp_path / "test.jsonl")])
+    train, test = vineppo.load_problems(args)
+    assert len(train) == 10 and [p["answer"] for p in test] == ["0", "1", "2"]
+    args = vineppo.parse_args(["--dataset", "gsm8k", "--data-file", str(tmp_path / "train.jsonl")])
+    train, test = vineppo.load_problems(args)  # a seeded hold-out, disjoint from training
+    assert len(train) + len(test) == 10 and not {p["problem"] for p in train} & {p["problem"] for p in test}
+
+
+def test_hub_data_set_that_fails_to_load_gives_the_offline_options(monkeypatch):
+    import datasets
+    monkeypatch.setattr(vineppo, "hub_reachable", lambda timeout=3.0: True)
+    def fail(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(SystemExit, match="could not load the data set openai/gsm8k") as e:
+        vineppo.load_hub_split("openai/gsm8k", "train", "main")
+    assert "--dataset arith" in str(e.value.code)
+
+
+def test_ctrl_c_during_the_warm_start_exits_cleanly(tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vineppo, "sft_warm_start", interrupt)
+    with pytest.raises(SystemExit) as e:
+        run_main(TINY_RUN + ["--output-dir", str(tmp_path / "out"), "--toy-cache-dir", str(tmp_path / "cache")])
+    assert e.value.code == 130 and "nothing was saved" in capsys.readouterr().err
+    assert not [p for p in (tmp_path / "cache").glob("arith-*") if p.suffix != ".tmp"]  # no half-built model cached

@@ -1,0 +1,1447 @@
+"""
+VinePPO in one file: PPO for LLM reasoning where each reasoning step's value is a
+Monte Carlo estimate instead of a value network's guess.
+
+    Kazemnejad et al., "VinePPO: Refining Credit Assignment in RL Training of LLMs",
+    arXiv 2410.01679. Authors' code: https://github.com/McGill-NLP/VinePPO
+
+Run it:
+
+    python vineppo.py                                  # toy arithmetic task, tiny model, CPU, minutes
+    python vineppo.py --iterations 5 --output-dir out  # shorter toy run
+    python vineppo.py --dataset gsm8k                  # Rho-1.1B SFT on GSM8K, paper settings, 1 GPU
+    python vineppo.py --dataset math                   # Rho-1.1B SFT on MATH (PRM800K split, MATH-500 test)
+    python vineppo.py --dataset gsm8k --data-file train.jsonl --eval-data-file test.jsonl --model ./rho-1b
+    python vineppo.py --algo ppo                       # the same run with PPO's value network instead of vine
+    python vineppo.py --value-analysis-every 10        # also measure value quality (paper section 7)
+    python vineppo.py plot runs/arith-vineppo runs/arith-ppo  # accuracy vs iterations and time (matplotlib)
+    python vineppo.py --help                           # every flag, with its default
+
+The loop, one iteration (paper section 4, Figure 2):
+  1. sample `samples_per_prompt` responses for `prompts_per_iteration` prompts;
+  2. split every response into reasoning steps (newlines);
+  3. vine: from every step boundary s_t, sample K more completions; V(s_t) = share that are correct;
+  4. advantage of step t: A_t = r_t + V(s_{t+1}) - V(s_t), copied to each of its tokens;
+  5. PPO: clipped ratio loss plus a k3 KL penalty to the frozen reference model.
+
+Where this file departs from the paper / the authors' code (SPEC.md of the project has the details):
+  - Sampling uses Hugging Face `generate` (the authors use a vLLM server); `--engine vllm` is
+    reserved and refused for now.
+  - MATH uses the GSM8K newline splitter, not the authors' LaTeX-aware splitter.
+  - A token's character offset comes from the tokenizer's offsets when re-encoding the decoded
+    response gives back the sampled tokens, else from decoding each prefix (section 5).
+  - Vine states are de-duplicated by token ids (the authors: by prefix text); the two differ only
+    when one text was sampled as two different token sequences.
+  - Vine completions get the responses' `max_new_tokens` budget, capped by the model's context
+    (the authors: min(1024, context - prefix)).
+  - Prompts are drawn in a fresh random order on every pass over the training set, so no prompt
+    repeats within a pass.
+  - The policy and the reference keep float32 weights under bf16 autocast on CUDA (the authors
+    train in bf16 under DeepSpeed): float32 master weights keep lr 1e-6 updates from rounding away.
+  - `--algo ppo`: the critic takes one step of its value loss on each of the policy's mini-batches,
+    and a mini-batch skipped for the policy (mean ratio > 10, non-finite loss) is skipped for the
+    critic too; the value head is initialised as in the authors' code (SPEC is silent).
+  - The value analysis (`--value-analysis-every`) uses 64 rollouts per state for the ground truth
+    by default (the paper: 256) on a handful of held-out problems.
+  - The default `arith` task and its tiny char-level model are ours, for a CPU demo; its preset
+    uses a larger lr, fewer prompts and iterations, and 1 eval sample per problem (see PRESETS).
+  - GSM8K: the authors hold out part of the train split for validation; we train on all of it.
+  - With `--data-file` and no `--eval-data-file`, a seeded hold-out of the file is the test set.
+"""
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import time
+import warnings
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from tqdm.auto import tqdm
+
+from grader import extract_answer, grade
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Configuration (paper section 5, Appendix hyper-parameters; SPEC sections 5 and 7)
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # what to train on
+    dataset: str = arg("arith", "arith (built-in toy task, no download) | gsm8k | math")
+    data_file: str = arg(None, "local .jsonl in the data set's original fields (gsm8k: question/answer; math: problem/solution[/answer])")
+    eval_data_file: str = arg(None, "local .jsonl of test problems; without it a seeded hold-out of --data-file is the test set")
+    model: str = arg(None, "causal LM hub id or local directory (default: per data set, see PRESETS)")
+    algo: str = arg("vineppo", "vineppo (Monte Carlo values) | ppo (value network + GAE, the paper's baseline)")
+    engine: str = arg("hf", "sampler: hf (transformers generate); vllm is reserved")
+    # the RL loop (SPEC section 5)
+    iterations: int = arg(1000, "RL iterations (paper: 1000 on MATH, 650 on GSM8K)")
+    prompts_per_iteration: int = arg(64, "prompts sampled per iteration")
+    samples_per_prompt: int = arg(8, "responses per prompt")
+    k: int = arg(9, "vine: Monte Carlo completions per state (paper: K=9)")
+    max_vine_steps: int = arg(0, "estimate values for the first N steps only, later states use the realized return (0: all; GSM8K: 25)")
+    gae_lambda: float = arg(1.0, "--algo ppo: GAE lambda (gamma is 1; the authors found lambda = 1 best)")
+    ppo_epochs: int = arg(2, "passes over the iteration's episodes")
+    minibatch_size: int = arg(64, "episodes per optimizer step")
+    micro_batch_size: int = arg(8, "episodes per forward pass (gradient accumulation; memory only)")
+    lr: float = arg(1e-6, "AdamW learning rate, 3%% warm-up then linear decay to 0")
+    warmup_ratio: float = arg(0.03, "share of optimizer steps spent warming up the learning rate")
+    kl_coef: float = arg(1e-4, "beta: weight of the k3 KL-to-reference loss term")
+    clip_eps: float = arg(0.2, "PPO ratio clip epsilon")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip")
+    temperature: float = arg(0.6, "sampling temperature for responses and vine completions")
+    top_p: float = arg(0.9, "nucleus sampling top_p")
+    max_new_tokens: int = arg(1024, "longest response / completion; longer ones are cut off and score 0")
+    sample_batch_size: int = arg(256, "sequences per generate call (memory only)")
+    # evaluation and outputs (SPEC section 7)
+    eval_every: int = arg(10, "evaluate every N iterations (and always before the first and after the last)")
+    eval_problems: int = arg(0, "test problems per evaluation (0: all)")
+    eval_samples: int = arg(16, "samples per test problem; accuracy is their mean (paper: 16)")
+    eval_temperature: float = arg(0.35, "sampling temperature at evaluation (paper: 0.35)")
+    save_every: int = arg(0, "save a checkpoint every N iterations (0: only final/)")
+    # value-quality analysis (paper section 7), off by default: it costs many rollouts
+    value_analysis_every: int = arg(0, "run the value analysis every N iterations (0: never)")
+    value_analysis_problems: int = arg(16, "held-out problems whose step states are analysed")
+    value_analysis_rollouts: int = arg(64, "rollouts per state for the ground-truth value (paper: 256)")
+    value_analysis_alternatives: int = arg(4, "alternative next steps sampled per state for step ranking")
+    output_dir: str = arg(None, "where config.json, metrics.jsonl, credit.md and final/ go (default: runs/DATASET-ALGO)")
+    seed: int = arg(0, "random seed: data order, sampling, toy task and model")
+    device: str = arg("auto", "auto | cpu | cuda")
+    gradient_checkpointing: bool = arg(True, "trade compute for memory on CUDA (as the authors); ignored on CPU")
+    # the toy task (ours, not the paper's)
+    toy_cache_dir: str = arg("~/.cache/vineppo", "where the warm-started toy model is cached")
+    toy_sft_steps: int = arg(300, "supervised warm-start steps for the toy model")
+
+
+# Per data set defaults; a flag given on the command line always wins.
+PRESETS = {
+    "gsm8k": dict(model="realtreetune/rho-1b-sft-GSM8K", iterations=650, max_vine_steps=25),
+    "math": dict(model="realtreetune/rho-1b-sft-MATH", iterations=1000),
+    # CPU demo: a few minutes on 2 cores. Bigger lr because the model is tiny and the run short.
+    "arith": dict(iterations=40, prompts_per_iteration=32, samples_per_prompt=8, minibatch_size=64,
+                  micro_batch_size=64, lr=1e-4, max_new_tokens=48, eval_every=5, eval_problems=256,
+                  eval_samples=1),
+}
+DATASETS = ("arith", "gsm8k", "math")
+ALGOS = ("vineppo", "ppo")
+ENGINES = ("hf", "vllm")
+
+
+def parse_args(argv=None):
+    """Command line -> Args. Precedence: flag > PRESETS[dataset] > dataclass default."""
+    parser = argparse.ArgumentParser(description="VinePPO in one file. Defaults are the paper's; "
+                                     "--dataset arith (the default) overrides some of them, see PRESETS.")
+    for f in dataclasses.fields(Args):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"] + f" (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:
+            parser.add_argument(flag, type=f.type, default=None, metavar=f.type.__name__.upper(), help=help)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    dataset = given.get("dataset", Args.dataset)
+    if dataset not in DATASETS:
+        parser.error(f"unknown --dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    args = Args(**{**PRESETS[dataset], **given})
+    args.output_dir = args.output_dir or f"runs/{args.dataset}-{args.algo}"
+    check_args(args, parser.error)
+    return args
+
+
+def check_args(args, error):
+    """Refuse impossible settings up front, before any model is loaded."""
+    if args.algo not in ALGOS:
+        error(f"unknown --algo {args.algo!r}; choose one of {', '.join(ALGOS)}")
+    if args.engine not in ENGINES:
+        error(f"unknown --engine {args.engine!r}; choose one of {', '.join(ENGINES)}")
+    if args.engine == "vllm":
+        error("--engine vllm is not implemented yet; use --engine hf")
+    for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "k", "ppo_epochs",
+                 "minibatch_size", "micro_batch_size", "max_new_tokens", "sample_batch_size",
+                 "eval_every", "eval_samples", "value_analysis_problems", "value_analysis_rollouts"):
+        if getattr(args, name) < 1:
+            error(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    for name in ("eval_problems", "save_every", "max_vine_steps", "toy_sft_steps", "value_analysis_every",
+                 "value_analysis_alternatives"):
+        if getattr(args, name) < 0:
+            error(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(args, name)})")
+    if not 0 <= args.gae_lambda <= 1:
+        error(f"--gae-lambda must be in [0, 1] (got {args.gae_lambda})")
+    if not 0 < args.top_p <= 1:
+        error(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.temperature <= 0 or args.eval_temperature < 0:
+        error("--temperature must be > 0 (PPO needs sampled responses) and --eval-temperature >= 0")
+    if args.lr <= 0 or args.clip_eps <= 0 or args.kl_coef < 0 or args.max_grad_norm <= 0:
+        error("--lr, --clip-eps and --max-grad-norm must be > 0, --kl-coef >= 0")
+    if not 0 <= args.warmup_ratio < 1:
+        error(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
+    if (args.data_file or args.eval_data_file) and args.dataset == "arith":
+        error("--data-file and --eval-data-file need --dataset gsm8k or --dataset math (arith is generated)")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        error(f"unknown --device {args.device!r}; choose auto, cpu or cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        error("--device cuda asked for, but torch sees no CUDA GPU")
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Data and prompts (SPEC section 7)
+
+PROMPT = "[MATH_TASK] Problem:\n{problem}\n\nSolution:"  # the authors' SFT prompt
+
+
+def format_prompt(problem):
+    return PROMPT.format(problem=problem)
+
+
+def format_response(solution):
+    """The SFT models answer '\\n{solution}\\n' and then EOS."""
+    return "\n" + solution + "\n"
+
+
+def make_arith_problem(rng, slip_rate=0.0):
+    """A toy multi-step problem on single digits; each line does the first operation and copies the rest.
+
+    >>> 'Compute 7+2-3+1.'  ->  '9-3+1\n6+1\n#### 7'
+    With probability slip_rate the solution slips once (one result off by one, and the rest
+    follows from it): the warm-start data is imperfect, like real SFT data, which leaves RL
+    something to fix and gives credit assignment a wrong step to find.
+    """
+    total = rng.randint(0, 9)
+    expr, ops = str(total), []
+    for _ in range(rng.randint(*TOY_OPS)):
+        op = rng.choice("+-") if 3 <= total <= 6 else ("+" if total < 3 else "-")
+        b = rng.randint(1, 3)
+        ops.append(f"{op}{b}")
+        total = total + b if op == "+" else total - b
+    slip_at = rng.randrange(len(ops)) if rng.random() < slip_rate else -1
+    value, lines = int(expr), []
+    for i, o in enumerate(ops):
+        value = value + int(o) + (rng.choice((-1, 1)) if i == slip_at else 0)
+        lines.append(str(value) + "".join(ops[i + 1:]))
+    solution = "\n".join(lines[:-1]) + f"\n#### {value}"
+    return {"problem": f"Compute {expr}{''.join(ops)}.", "solution": solution, "answer": str(total)}
+
+
+def arith_splits(seed, n_train=20000, n_test=500, slip_rate=0.0):
+    """Deterministic train/test problems from the seed; no test problem appears in train."""
+    rng = random.Random(f"arith-{seed}")
+    test, seen = [], set()
+    while len(test) < n_test:
+        p = make_arith_problem(rng)
+        if p["problem"] not in seen:
+            seen.add(p["problem"])
+            test.append(p)
+    train = [make_arith_problem(rng, slip_rate) for _ in range(n_train)]
+    return [p for p in train if p["problem"] not in seen], test
+
+
+def gsm8k_row(row):
+    """GSM8K: drop the <<a*b=c>> calculator notes; the gold answer follows '####'."""
+    solution = re.sub(r"<<.*?>>", "", row["answer"])
+    answer = solution.split("####")[-1].strip() if "####" in solution else None
+    return {"problem": row["question"], "solution": solution, "answer": answer}
+
+
+def math_row(row):
+    """MATH: the gold answer is the `answer` field (MATH-500) or the last \\boxed{} of the solution."""
+    answer = row.get("answer") or extract_answer(row["solution"], "math")
+    return {"problem": row["problem"], "solution": row["solution"], "answer": answer}
+
+
+ROW_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
+ROW_FORMAT = {"gsm8k": gsm8k_row, "math": math_row}
+
+
+def read_jsonl(path, task):
+    """Problems of a local .jsonl file in the data set's original layout; errors name the line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SystemExit(f"error: data file {path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{n} is not valid JSON ({e.msg})")
+            missing = [k for k in ROW_FIELDS[task] if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise SystemExit(f"error: {path}:{n} lacks field(s) {', '.join(missing)}; a {task} file needs "
+                                 f"{' and '.join(ROW_FIELDS[task])} on every line")
+            row = ROW_FORMAT[task](row)
+            if not row["answer"]:
+                raise SystemExit(f"error: {path}:{n} has no final answer (gsm8k: a '#### N' line in `answer`; "
+                                 f"math: an `answer` field or a \\boxed{{}} in `solution`)")
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f"error: data file {path} holds no problems")
+    return rows
+
+
+def hub_reachable(timeout=3.0):
+    """One quick TCP connect, so an offline machine fails in a second, not after minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return True  # the user asked for the local cache; let the libraries use it
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy a direct connection proves nothing; let the libraries try
+    from huggingface_hub import constants
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline_error(what):
+    return SystemExit(
+        f"error: cannot reach the Hugging Face Hub to fetch {what}. Offline options:\n"
+        f"  --data-file PATH.jsonl [--eval-data-file PATH.jsonl]  the data set from local files\n"
+        f"  --model PATH                                         a local model directory\n"
+        f"  --dataset arith                                      the built-in toy task (no download)\n"
+        f"  (already in your local Hugging Face cache? set HF_HUB_OFFLINE=1)")
+
+
+def load_hub_split(name, split, config=None):
+    if not hub_reachable():
+        raise offline_error(f"the data set {name}")
+    import datasets
+    try:
+        return list(datasets.load_dataset(name, config, split=split))
+    except (ConnectionError, OSError, ValueError) as e:  # e.g. HF_HUB_OFFLINE=1 and nothing cached
+        raise SystemExit(f"error: could not load the data set {name} ({config or 'default'}, {split}): {e}\n"
+                         f"{offline_error(name).code}")
+
+
+# MATH on the hub: the 7 subject configs of the full MATH set, and MATH-500 (the PRM800K test split).
+MATH_HUB = "EleutherAI/hendrycks_math"
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                 "number_theory", "prealgebra", "precalculus")
+MATH500_HUB = "HuggingFaceH4/MATH-500"
+
+
+def with_answers(rows, name):
+    """Hub rows whose final answer cannot be found are dropped (and counted), not trained on as wrong."""
+    kept = [r for r in rows if r["answer"]]
+    if len(kept) < len(rows):
+        warnings.warn(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} problems with no final answer")
+    return kept
+
+
+def load_problems(args):
+    """Returns (train, test): lists of {'problem', 'solution', 'answer'}."""
+    if args.dataset == "arith":
+        return arith_splits(args.seed)
+    to_row = ROW_FORMAT[args.dataset]
+    if args.data_file:
+        train, test = read_jsonl(args.data_file, args.dataset), []
+        if not args.eval_data_file:  # a seeded hold-out, removed from training
+            random.Random(args.seed).shuffle(train)
+            n_test = min(args.eval_problems or 500, len(train) // 5)
+            train, test = train[n_test:], train[:n_test]
+    elif args.dataset == "gsm8k":
+        train = with_answers([to_row(r) for r in load_hub_split("openai/gsm8k", "train", "main")], "gsm8k train")
+        test = with_answers([to_row(r) for r in load_hub_split("openai/gsm8k", "test", "main")], "gsm8k test")
+    else:  # the PRM800K split: all of MATH except MATH-500 trains (12,000 problems)
+        test = with_answers([to_row(r) for r in load_hub_split(MATH500_HUB, "test")], "MATH-500")
+        held_out = {r["problem"] for r in test}
+        full = [r for s in MATH_SUBJECTS for split in ("train", "test") for r in load_hub_split(MATH_HUB, split, s)]
+        train = with_answers([to_row(r) for r in full if r["problem"] not in held_out], "MATH train")
+    if args.eval_data_file:
+        test = read_jsonl(args.eval_data_file, args.dataset)
+    if not train or not test:
+        raise SystemExit(f"error: the {args.dataset} data set is empty after loading (train {len(train)}, "
+                         f"test {len(test)}); give more problems")
+    return train, test
+
+
+def task_of(dataset):
+    """The grader's answer format: the toy task writes '#### N' like GSM8K."""
+    return "math" if dataset == "math" else "gsm8k"
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Models: policy, frozen reference, and the tiny offline model of the toy task
+
+TOY_OPS = (3, 4)  # operations per toy problem: the response has one step per operation but the last
+TOY_SLIP_RATE = 0.3  # share of warm-start solutions with one wrong step
+TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def build_char_tokenizer():
+    """A character-level tokenizer (printable ASCII + newline) with the `tokenizers` library."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token a char
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def sft_warm_start(model, tokenizer, problems, steps, seed, batch_size=64, lr=2e-3, warmup=30):
+    """Supervised fine-tuning on reference solutions: RL starts from an SFT model, as in the paper."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+    model.train()
+    for _ in tqdm(range(steps), desc="toy warm start (SFT)", leave=False):
+        batch = rng.sample(problems, batch_size)
+        prompts = [tokenizer(format_prompt(p["problem"])).input_ids for p in batch]
+        responses = [tokenizer(format_response(p["solution"])).input_ids + [tokenizer.eos_token_id] for p in batch]
+        input_ids, attn, resp_mask = pad_episodes(prompts, responses, tokenizer.pad_token_id)
+        logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]  # [batch, seq-1, vocab]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+        loss = (nll * resp_mask).sum() / resp_mask.sum()  # only the response is learned
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    model.eval()
+    return model
+
+
+def toy_model_dir(args):
+    """Warm-started toy model, built once and cached on disk, keyed by everything that shapes it."""
+    key = json.dumps({"model": TOY_MODEL, "steps": args.toy_sft_steps, "seed": args.seed, "slip": TOY_SLIP_RATE, "ops": TOY_OPS, "v": 2},
+                     sort_keys=True)
+    path = Path(args.toy_cache_dir).expanduser() / f"arith-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    if (path / "config.json").exists():
+        return str(path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TOY_MODEL)
+    model = LlamaForCausalLM(config)
+    t0 = time.time()
+    sft_warm_start(model, tokenizer, arith_splits(args.seed, slip_rate=TOY_SLIP_RATE)[0], args.toy_sft_steps, args.seed)
+    tmp = path.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted warm start
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(path)  # atomic: an interrupted warm start leaves no half-written cache
+    print(f"toy model warm-started in {time.time() - t0:.0f}s, cached at {path}")
+    return str(path)
+
+
+def resolve_model(args):
+    """A local directory, or a hub id checked for reachability first (fail fast offline)."""
+    if args.model is None:
+        return toy_model_dir(args)
+    if os.path.isdir(os.path.expanduser(args.model)):
+        return os.path.expanduser(args.model)
+    if args.model.startswith((".", "/", "~")) or args.model.count("/") > 1:
+        raise SystemExit(f"error: --model {args.model} is not a directory (give a local model directory or a hub id)")
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(args.model, "config.json"), str):
+        return args.model  # cached; no network needed
+    if not hub_reachable():
+        raise offline_error(f"the model {args.model}")
+    return args.model
+
+
+def load_models(args, device):
+    """Policy (trained, float32 master weights), reference (frozen copy), tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = resolve_model(args)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as e:
+        raise SystemExit(f"error: could not load the model {args.model!r}: {e}")
+    if tokenizer.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    disable_dropout(policy)  # dropout off, as in the paper, in train() mode too
+    if device.type == "cuda" and args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()  # active in train() mode only: the updates, not sampling
+    policy.to(device).eval()
+    reference = copy.deepcopy(policy).requires_grad_(False)  # same dtype: KL is exactly 0 before the first update
+    return policy, reference, tokenizer
+
+
+def disable_dropout(model):
+    """Zero every dropout, so train() mode (needed by gradient checkpointing) changes nothing else."""
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, a no-op on CPU (float32 there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Sampling: n continuations for each prompt (token ids in, token ids out)
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size, desc="sample"):
+    """Sample n continuations of each prompt with Hugging Face `generate`.
+
+    Args:
+        prompts: list of token-id lists (a prompt, or a prompt plus a partial response).
+        n: continuations per prompt.
+    Returns:
+        list (per prompt) of n token-id lists; a continuation that finished ends in EOS,
+        one cut off at max_new_tokens does not.
+    """
+    from transformers import GenerationConfig
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else {}
+    context = getattr(model.config, "max_position_embeddings", None) or 10**9
+    jobs = [p for p in prompts for _ in range(n)]
+    order = sorted(range(len(jobs)), key=lambda j: len(jobs[j]))  # similar lengths share a batch: less padding
+    results = [None] * len(jobs)
+    device = next(model.parameters()).device
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in tqdm(chunks, desc=desc, leave=False, disable=len(chunks) < 2):
+        width = max(len(jobs[j]) for j in chunk)
+        budget = min(max_new_tokens, context - width)  # never past the model's context (paper: min(1024, ctx - prefix))
+        if budget < 1:
+            for j in chunk:
+                results[j] = []  # no room left: cut off, scores 0
+            continue
+        gen_config = GenerationConfig(**sampling, max_new_tokens=budget, eos_token_id=eos, pad_token_id=pad)
+        input_ids = torch.tensor([[pad] * (width - len(jobs[j])) + jobs[j] for j in chunk], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(jobs[j])) + [1] * len(jobs[j]) for j in chunk], device=device)
+        with autocast(device):
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config)
+        for j, row in zip(chunk, out[:, width:].tolist()):
+            results[j] = row[:row.index(eos) + 1] if eos in row else row
+    return [results[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def decode(tokenizer, ids):
+    """Token ids -> text, the same way everywhere (steps, offsets and grading must agree)."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def score(response_ids, gold, task, tokenizer):
+    """Terminal reward: 1 if the finished response's answer is right; 0 if wrong or cut off."""
+    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:
+        return 0.0
+    return grade(decode(tokenizer, response_ids), gold, task)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Reasoning steps (SPEC section 4): split a response, map its tokens to steps
+
+def split_steps(text):
+    """Split a response into reasoning steps at newlines; the pieces concatenate back to `text`.
+
+    Leading blank lines join the first step; the final '#### answer' line joins the last
+    non-empty step (it states the answer, it is not a reasoning step of its own).
+    >>> split_steps('\\n7+8=15\\n15-3=12\\n#### 12\\n') -> ['\\n7+8=15\\n', '15-3=12\\n#### 12\\n']
+    """
+    lines = re.findall(r"[^\n]*\n|[^\n]+$", text)  # each line keeps its '\n'
+    steps, pending = [], ""
+    for line in lines:
+        if not line.strip():  # a blank line: carried into the next step (or the last, at the end)
+            pending += line
+        elif line.lstrip().startswith("####") and steps:
+            steps[-1] += pending + line
+            pending = ""
+        else:
+            steps.append(pending + line)
+            pending = ""
+    if pending:
+        if steps:
+            steps[-1] += pending
+        else:
+            steps.append(pending)
+    return steps or [text]
+
+
+def token_char_starts(response_ids, tokenizer):
+    """Character offset where each token of a sampled response starts in its decoded text.
+
+    The tokenizer's offsets, when re-encoding the text gives back the sampled tokens (the usual
+    case). A sampled tokenization can differ from the canonical one (and sentencepiece adds a
+    leading space to a lone text); then each token starts where the decoded prefix before it
+    ends, exact for any tokenizer but O(len^2) characters.
+    """
+    text = decode(tokenizer, response_ids)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    body = [t for t in response_ids if t not in tokenizer.all_special_ids]
+    if enc.input_ids == body and len(body) == len(response_ids) - (response_ids[-1:] == [tokenizer.eos_token_id]):
+        return [start for start, _ in enc.offset_mapping] + [len(text)] * (len(response_ids) - len(body))
+    prefixes = tokenizer.batch_decode([response_ids[:i] for i in range(len(response_ids))],
+                                      skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return [len(p) for p in prefixes]  # [num_tokens]
+
+
+def steps_of_tokens(steps, char_starts):
+    """A token belongs to the step that holds its first character (the EOS: the last step)."""
+    step_starts = [0]
+    for s in steps[:-1]:
+        step_starts.append(step_starts[-1] + len(s))
+    return [bisect_right(step_starts, c) - 1 for c in char_starts]  # [num_tokens], non-decreasing
+
+
+@dataclass
+class Episode:
+    """One sampled response and everything the update needs about it."""
+    prompt_ids: list        # [prompt_len]
+    response_ids: list      # [resp_len], ends in EOS when the response finished
+    gold: str
+    steps: list             # reasoning steps (strings) of the decoded response
+    step_of_token: list     # [resp_len] step index of each response token
+    reward: float
+    values: list = None     # [num_steps + 1] V(s_0) .. V(s_T), V(s_T) = 0
+    advantages: list = None  # [resp_len]
+    old_logp: torch.Tensor = None    # [resp_len] log-probs under the sampling policy (set by the trainer)
+    ref_logp: torch.Tensor = None    # [resp_len] log-probs under the reference
+    old_values: torch.Tensor = None  # [resp_len] --algo ppo: the critic's values before the update
+    returns: torch.Tensor = None     # [resp_len] --algo ppo: the critic's regression targets
+
+    def state(self, t):
+        """Token ids of state s_t: the prompt plus the tokens of steps 0..t-1."""
+        start = next((i for i, s in enumerate(self.step_of_token) if s >= t), len(self.response_ids))
+        return self.prompt_ids + self.response_ids[:start]
+
+
+def make_episode(prompt_ids, response_ids, gold, task, tokenizer):
+    text = decode(tokenizer, response_ids)
+    steps = split_steps(text)
+    step_of_token = steps_of_tokens(steps, token_char_starts(response_ids, tokenizer))
+    return Episode(prompt_ids, response_ids, gold, steps, step_of_token,
+                   reward=score(response_ids, gold, task, tokenizer))
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Vine: Monte Carlo value estimates (paper section 4, Eq. 5; SPEC section 2)
+
+def vine_values(episodes, sample_fn, reward_fn, k, max_steps=0):
+    """V_hat(s_t) = mean reward of K completions sampled from s_t; V(s_T) = 0.
+
+    Every distinct state of the iteration goes to the sampler in one call (the sampler
+    batches by memory): s_0, the bare prompt, is shared by all responses of a prompt and
+    is estimated once. The completions only estimate values; they are never trained on.
+    Args:
+        sample_fn(states, n) -> n completions (token-id lists) per state.
+        reward_fn(episode, state_ids, completion_ids) -> 0/1 reward of the whole solution.
+        max_steps: only the first max_steps states are estimated; later ones take the
+            realized return (the authors' cap of 25 on GSM8K). 0: no cap.
+    Sets episode.values ([num_steps + 1]) and returns the number of states sampled.
+    """
+    states = {}  # prefix token ids -> an episode it belongs to (for its gold answer)
+    for ep in episodes:
+        for t in range(len(ep.steps) if not max_steps else min(len(ep.steps), max_steps)):
+            states.setdefault(tuple(ep.state(t)), ep)
+    keys = list(states)
+    completions = sample_fn([list(key) for key in keys], k)
+    value_of = {key: sum(reward_fn(states[key], key, c) for c in comps) / k for key, comps in zip(keys, completions)}
+    for ep in episodes:
+        estimated = [value_of.get(tuple(ep.state(t))) for t in range(len(ep.steps))]
+        ep.values = [ep.reward if v is None else v for v in estimated] + [0.0]
+    return len(keys)
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Advantages (paper Eq. 4: A(s_t, a_t) = r_t + gamma V(s_{t+1}) - V(s_t), gamma = 1)
+
+def step_advantages(values, reward):
+    """Per-step advantages from values [T + 1] (V(s_T) = 0); the reward comes on the last step."""
+    T = len(values) - 1
+    return [(reward if t == T - 1 else 0.0) + values[t + 1] - values[t] for t in range(T)]
+
+
+def token_advantages(episode):
+    """Every token of a step gets the step's advantage."""
+    adv = step_advantages(episode.values, episode.reward)
+    return [adv[s] for s in episode.step_of_token]
+
+
+def whiten(x, mask, eps=1e-8):
+    """Zero mean, unit variance over the masked (response) tokens of a mini-batch."""
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+# ----------------------------------------------------------------------------------------
+# 7b. The PPO baseline (SPEC section 6): a value network (critic) and GAE, instead of sections 6-7
+
+class Critic(torch.nn.Module):
+    """V(s): a copy of the starting model's transformer with a linear value head (SPEC section 6).
+
+    The head reads the last hidden state at every position, so position i holds the value of
+    the state made of tokens 0..i. Initialised as the authors' code does: weights
+    N(0, 1/sqrt(hidden + 1)), bias 0 (SPEC is silent on this), so the first values are small
+    and centred on 0.
+    """
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone  # the causal LM without its LM head: hidden states out
+        hidden = backbone.config.hidden_size
+        self.value_head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden + 1))
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_policy(cls, policy):
+        """A critic whose transformer is a copy of the policy's (call it before any update)."""
+        return cls(copy.deepcopy(policy.base_model))
+
+    def forward(self, input_ids, attention_mask):
+        """Returns values [batch, seq]: V of the prefix ending at each position."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state  # [batch, seq, hidden]
+        # the head runs in float32 even under bf16 autocast (as the authors' code): values are regression outputs
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)  # [batch, seq]
+
+    def save_pretrained(self, path):
+        """The transformer as a Hugging Face model directory, the head beside it as value_head.pt."""
+        path = Path(path)
+        self.backbone.save_pretrained(path)
+        torch.save(self.value_head.state_dict(), path / "value_head.pt")
+
+    @classmethod
+    def from_pretrained(cls, path):
+        from transformers import AutoModel
+        critic = cls(AutoModel.from_pretrained(path, dtype=torch.float32))
+        critic.value_head.load_state_dict(torch.load(Path(path) / "value_head.pt", weights_only=True))
+        return critic
+
+
+def token_values(critic, input_ids, attention_mask):
+    """V of the state each next-token target is chosen from: [batch, seq-1].
+
+    Aligned with token_logprobs and pad_episodes' response_mask: position i is the value of
+    tokens 0..i, the state from which target input_ids[:, i + 1] is sampled. So the first
+    response position holds V(s_0) (the bare prompt).
+    """
+    with autocast(input_ids.device):
+        return critic(input_ids, attention_mask)[:, :-1].float()
+
+
+@torch.no_grad()
+def critic_state_values(critic, states, pad_id, batch_size=64):
+    """The critic's V(s) of whole states (token-id lists): its value at each state's last token."""
+    device = next(critic.parameters()).device
+    out = []
+    for i in range(0, len(states), batch_size):
+        chunk = states[i:i + batch_size]
+        width = max(len(s) for s in chunk)
+        input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in chunk], device=device)
+        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+        with autocast(device):
+            values = critic(input_ids, attention_mask)  # [chunk, width]
+        last = torch.tensor([len(s) - 1 for s in chunk], device=device)
+        out += values.gather(1, last[:, None]).squeeze(1).float().tolist()
+    return out
+
+
+def terminal_rewards(rewards, mask):
+    """Place each response's reward on its last response token.
+
+    Args:
+        rewards: [batch] terminal rewards; mask: [batch, seq], 1 on response tokens.
+    Returns:
+        [batch, seq] zeros except the reward at the last response token.
+    """
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * mask).argmax(dim=1)  # [batch] index of the last 1 in each row
+    out = torch.zeros_like(mask, dtype=torch.float32)
+    out[torch.arange(mask.shape[0]), last] = rewards.float()
+    return out
+
+
+@torch.no_grad()
+def gae_advantages(values, rewards, mask, gamma=1.0, lam=1.0):
+    """Generalized advantage estimation over response tokens (Schulman et al. 2016).
+
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V_t.
+    V after the last response token is 0 (the episode ends there). With gamma = lam = 1 and
+    the reward on the last token, A_t = R - V_t: the final reward minus the value.
+    Args:
+        values, rewards, mask: [batch, seq]; mask 1 on response tokens (0 on prompt and padding).
+    Returns:
+        (advantages, returns), both [batch, seq] and 0 outside the mask.
+    """
+    values, mask = values.float() * mask, mask.float()
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # 0 past the end
+    deltas = rewards + gamma * next_values - values  # [batch, seq]
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])  # [batch]
+    for t in reversed(range(values.shape[1])):
+        running = (deltas[:, t] + gamma * lam * running) * mask[:, t]  # padding carries nothing back
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+@torch.no_grad()
+def critic_advantages(critic, episodes, args, device, pad_id):
+    """PPO's credit assignment: the critic's V at every response token, then GAE.
+
+    Sets each episode's old_values, returns, advantages ([resp_len]) and, for display,
+    values per step (the critic's V at the first token of each step; V(s_T) = 0).
+    """
+    for i in range(0, len(episodes), args.micro_batch_size):
+        chunk = episodes[i:i + args.micro_batch_size]
+        input_ids, attn, mask = pad_episodes([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], pad_id)
+        values = token_values(critic, input_ids.to(device), attn.to(device)).cpu()  # [chunk, seq-1]
+        rewards = terminal_rewards(torch.tensor([e.reward for e in chunk]), mask)
+        advantages, returns = gae_advantages(values, rewards, mask, gamma=1.0, lam=args.gae_lambda)
+        for b, e in enumerate(chunk):
+            span = slice(len(e.prompt_ids) - 1, len(e.prompt_ids) - 1 + len(e.response_ids))
+            e.old_values, e.returns, e.advantages = values[b, span], returns[b, span], advantages[b, span].tolist()
+            firsts = [e.step_of_token.index(t) if t in e.step_of_token else None for t in range(len(e.steps))]
+            e.values = [float(e.old_values[f]) if f is not None else 0.0 for f in firsts] + [0.0]
+
+
+def value_loss(values, old_values, returns, mask, clip=0.2, num_tokens=None):
+    """0.5 * masked mean of max((V - R)^2, (clip(V, V_old - clip, V_old + clip) - R)^2).
+
+    The clipped term keeps the critic near the values the advantages were computed with,
+    as the ratio clip does for the policy.
+    Args:
+        values, old_values, returns, mask: [batch, seq].
+        num_tokens: the whole mini-batch's response-token count when this call sees one
+            micro-batch of it (as in ppo_loss).
+    Returns:
+        (loss, stats) with stats: value loss, share of tokens where the clipped term won.
+    """
+    num_tokens = mask.sum() if num_tokens is None else num_tokens
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2  # [batch, seq]
+    loss = 0.5 * (torch.max(unclipped_err, clipped_err) * mask).sum() / num_tokens
+    with torch.no_grad():
+        clip_frac = ((clipped_err > unclipped_err).float() * mask).sum() / num_tokens
+    return loss, {"value": loss.item(), "value_clip_frac": clip_frac.item()}
+
+
+@torch.no_grad()
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over response tokens: 1 perfect, 0 no better than a constant."""
+    n = mask.sum()
+
+    def var(x):
+        mean = (x * mask).sum() / n
+        return (((x - mean) * mask) ** 2).sum() / n
+
+    var_r = var(returns)
+    return float("nan") if var_r == 0 else (1 - var(returns - values) / var_r).item()
+
+
+# ----------------------------------------------------------------------------------------
+# 8. The PPO loss with KL to the reference (paper Eq. 2; SPEC section 5)
+
+def pad_episodes(prompts, responses, pad_id):
+    """Right-padded prompt+response batch.
+
+    Returns input_ids [batch, seq], attention_mask [batch, seq], and response_mask
+    [batch, seq-1] marking which next-token targets input_ids[:, 1:] are response tokens.
+    """
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids, attn, resp = [], [], []
+    for p, r in zip(prompts, responses):
+        pad = width - len(p) - len(r)
+        ids.append(p + r + [pad_id] * pad)
+        attn.append([1] * (len(p) + len(r)) + [0] * pad)
+        resp.append([0] * (len(p) - 1) + [1] * len(r) + [0] * pad)
+    return torch.tensor(ids), torch.tensor(attn), torch.tensor(resp, dtype=torch.float32)
+
+
+def response_tensor(per_episode, prompts, width):
+    """Place per-response-token numbers at their target positions of a [batch, width] tensor."""
+    out = torch.zeros(len(per_episode), width)
+    for b, (vals, p) in enumerate(zip(per_episode, prompts)):
+        out[b, len(p) - 1:len(p) - 1 + len(vals)] = torch.as_tensor(vals, dtype=torch.float32)
+    return out
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature):
+    """log pi(token | prefix) of every next token, logits divided by the sampling temperature.
+
+    Returns [batch, seq-1] (the temperature makes these the probabilities the tokens were sampled with).
+    """
+    with autocast(input_ids.device):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]  # [batch, seq-1, vocab]
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def ppo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, num_tokens=None, num_responses=None):
+    """Clipped PPO surrogate plus beta * k3 KL to the reference.
+
+    Args:
+        logp, old_logp, ref_logp, advantages, mask: [batch, seq] (mask: 1 on response tokens).
+        num_tokens, num_responses: the whole mini-batch's counts when this call sees one
+            micro-batch of it (default: this batch's own), so accumulated gradients add up
+            to the mini-batch loss.
+    Returns:
+        (loss, stats) with stats: policy loss, kl per response, clip fraction, mean ratio (floats).
+    """
+    num_tokens = mask.sum() if num_tokens is None else num_tokens
+    num_responses = mask.shape[0] if num_responses is None else num_responses
+    ratio = torch.exp(logp - old_logp)  # [batch, seq]
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
+    policy_loss = -(surrogate * mask).sum() / num_tokens
+    # k3 estimator (http://joschu.net/blog/kl-approx.html): unbiased, always >= 0; clamped for stability
+    log_r = ref_logp - logp
+    kl = (torch.exp(log_r) - log_r - 1).clamp(0, 10)  # [batch, seq]
+    kl_loss = (kl * mask).sum() / num_responses  # summed over a response, averaged over responses
+    loss = policy_loss + kl_coef * kl_loss
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > clip_eps).float()
+        stats = {"policy": policy_loss.item(), "kl": kl_loss.item(),
+                 "clip_frac": ((clipped * mask).sum() / num_tokens).item(),
+                 "ratio": ((ratio * mask).sum() / num_tokens).item()}
+    return loss, stats
+
+
+def episode_batch(episodes, pad_id, device):
+    """Right-padded tensors of some episodes: input_ids, attention_mask, response mask, prompts."""
+    prompts = [e.prompt_ids for e in episodes]
+    input_ids, attn, mask = pad_episodes(prompts, [e.response_ids for e in episodes], pad_id)
+    return input_ids.to(device), attn.to(device), mask.to(device), prompts
+
+
+@torch.no_grad()
+def recompute_logprobs(policy, reference, episodes, args, device, pad_id):
+    """Old (sampling) policy and reference log-probs of every response token, by the trainer (SPEC section 5)."""
+    for i in range(0, len(episodes), args.micro_batch_size):
+        chunk = episodes[i:i + args.micro_batch_size]
+        input_ids, attn, _, _ = episode_batch(chunk, pad_id, device)
+        for name, model in (("old_logp", policy), ("ref_logp", reference)):
+            logp = token_logprobs(model, input_ids, attn, args.temperature).cpu()  # [chunk, seq-1]
+            for b, e in enumerate(chunk):
+                setattr(e, name, logp[b, len(e.prompt_ids) - 1:len(e.prompt_ids) - 1 + len(e.response_ids)])
+
+
+def minibatch_loss(policy, critic, minibatch, args, device, pad_id):
+    """Backward pass of one mini-batch, in micro-batches; returns its stats, or None if the loss is not finite.
+
+    Advantages are whitened over the whole mini-batch first (SPEC section 3); every micro-batch's
+    loss is normalised by the mini-batch's counts, so the accumulated gradient is the mini-batch's.
+    """
+    _, _, mb_mask, mb_prompts = episode_batch(minibatch, pad_id, device)
+    advantages = whiten(response_tensor([e.advantages for e in minibatch], mb_prompts, mb_mask.shape[1]).to(device),
+                        mb_mask)  # [minibatch, seq-1]
+    num_tokens, stats_sum = mb_mask.sum(), {}
+    for i in range(0, len(minibatch), args.micro_batch_size):
+        chunk = minibatch[i:i + args.micro_batch_size]
+        input_ids, attn, mask, prompts = episode_batch(chunk, pad_id, device)
+        width = mask.shape[1]
+        old_logp = response_tensor([e.old_logp for e in chunk], prompts, width).to(device)  # [chunk, seq-1]
+        ref_logp = response_tensor([e.ref_logp for e in chunk], prompts, width).to(device)
+        logp = token_logprobs(policy, input_ids, attn, args.temperature)
+        loss, stats = ppo_loss(logp, old_logp, ref_logp, advantages[i:i + len(chunk), :width], mask, args.clip_eps,
+                               args.kl_coef, num_tokens=num_tokens, num_responses=len(minibatch))
+        if critic is not None:  # the critic's loss rides along; the two models share no parameters
+            old_values = response_tensor([e.old_values for e in chunk], prompts, width).to(device)
+            returns = response_tensor([e.returns for e in chunk], prompts, width).to(device)
+            v_loss, v_stats = value_loss(token_values(critic, input_ids, attn), old_values, returns, mask,
+                                         num_tokens=num_tokens)
+            loss, stats = loss + v_loss, {**stats, **v_stats}
+        if not torch.isfinite(loss):
+            return None
+        loss.backward()
+        for key, v in stats.items():  # normalised by mini-batch counts, so they add up
+            stats_sum[key] = stats_sum.get(key, 0.0) + v
+    return stats_sum
+
+
+def train_on_episodes(policy, reference, optimizer, scheduler, episodes, args, device, pad_id, rng,
+                      critic=None, critic_optimizer=None, critic_scheduler=None):
+    """PPO epochs over the iteration's episodes (SPEC section 5). Returns averaged stats.
+
+    With a critic (--algo ppo) each mini-batch also takes one step of the clipped value loss
+    on the critic's own optimizer; everything else is shared by both algorithms.
+    """
+    recompute_logprobs(policy, reference, episodes, args, device, pad_id)
+    models = [(policy, optimizer, scheduler)] + ([(critic, critic_optimizer, critic_scheduler)] if critic else [])
+    for model, _, _ in models:
+        model.train()  # gradient checkpointing, if on, needs it (dropout is off)
+    totals, n_steps, skipped = {}, 0, 0
+    n_minibatches = args.ppo_epochs * math.ceil(len(episodes) / args.minibatch_size)
+    progress = tqdm(total=n_minibatches, desc="train", leave=False, disable=n_minibatches < 4)
+    for _ in range(args.ppo_epochs):
+        order = list(range(len(episodes)))
+        rng.shuffle(order)
+        for start in range(0, len(order), args.minibatch_size):
+            progress.update()
+            for _, opt, _ in models:
+                opt.zero_grad(set_to_none=True)
+            stats = minibatch_loss(policy, critic, [episodes[i] for i in order[start:start + args.minibatch_size]],
+                                   args, device, pad_id)
+            if stats is None or stats["ratio"] > 10:  # SPEC: skip a diverged mini-batch (both models)
+                warnings.warn("skipping a mini-batch: " + ("non-finite loss" if stats is None
+                                                           else f"mean ratio {stats['ratio']:.1f} > 10"))
+                skipped += 1
+                continue
+            for model, opt, sched in models:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                opt.step()
+                sched.step()
+                stats.setdefault("grad_norm", grad_norm.item())  # the policy's
+            n_steps += 1
+            for key, v in stats.items():
+                totals[key] = totals.get(key, 0.0) + v
+    progress.close()
+    for model, opt, _ in models:
+        opt.zero_grad(set_to_none=True)
+        model.eval()  # back to eval(): sampling uses the KV cache
+    out = {key: v / max(n_steps, 1) for key, v in totals.items()}
+    out.update(optimizer_steps=n_steps, skipped=skipped)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Value-quality analysis (paper section 7): how good are MC and critic values?
+
+@dataclass
+class ValueState:
+    """A state s_t of a held-out response, for the value analysis."""
+    ids: list        # [state_len] token ids: the prompt plus the first t steps
+    t: int           # step index
+    num_steps: int   # T, the steps of the response it comes from (early: t < T/2)
+    episode: object  # what reward_fn needs: the Episode (gold answer, prompt length)
+
+
+def analysis_states(episodes):
+    """Every step state s_0 .. s_{T-1} of each held-out response."""
+    return [ValueState(ep.state(t), t, len(ep.steps), ep) for ep in episodes for t in range(len(ep.steps))]
+
+
+def make_next_step_fn(tokenizer):
+    """next_step(state, completion) -> the state after the completion's first step, or None.
+
+    The cut uses the training split (split_steps on the decoded completion, tokens assigned
+    by their first character). None when the completion is a single step: it ends the
+    response, so no state follows it to rank.
+    """
+    def next_step(state, completion):
+        steps = split_steps(decode(tokenizer, completion))
+        if len(steps) < 2:
+            return None
+        first = steps_of_tokens(steps, token_char_starts(completion, tokenizer)).count(0)
+        return ValueState(state.ids + completion[:first], state.t + 1, state.num_steps, state.episode)
+    return next_step
+
+
+def mean_reward(state, completions, reward_fn):
+    return sum(reward_fn(state.episode, state.ids, c) for c in completions) / len(completions)
+
+
+def mae_by_position(name, estimates, truth, states):
+    """value/mae_{name}, and the same over early (t < T/2) and late (t >= T/2) steps."""
+    out = {}
+    for part, keep in (("", lambda s: True), ("_early", lambda s: 2 * s.t < s.num_steps),
+                       ("_late", lambda s: 2 * s.t >= s.num_steps)):
+        errors = [abs(e - g) for e, g, s in zip(estimates, truth, states) if keep(s)]
+        if errors:
+            out[f"value/mae_{name}{part}"] = sum(errors) / len(errors)
+    return out
+
+
+def ranking_accuracy(groups):
+    """Share of pairs (same source state, different true values) an estimator orders as the truth does.
+
+    Args:
+        groups: per source state, a list of (true value, estimate) of its alternatives.
+    Returns:
+        (accuracy, number of pairs); a tie in the estimate scores 0.5 (a coin flip).
+    """
+    hits, pairs = 0.0, 0
+    for group in groups:
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                (ti, ei), (tj, ej) = group[i], group[j]
+                if ti != tj:
+                    pairs += 1
+                    hits += 0.5 if ei == ej else float((ti > tj) == (ei > ej))
+    return (hits / pairs if pairs else float("nan")), pairs
+
+
+def split_sizes(items, sizes):
+    out, start = [], 0
+    for n in sizes:
+        out.append(items[start:start + n])
+        start += n
+    return out
+
+
+def value_analysis(states, sample_fn, reward_fn, k, rollouts, next_step_fn, critic_fn=None, alternatives=4):
+    """How well K-rollout MC estimates and the critic match ground-truth values (paper section 7).
+
+    Ground truth V(s) = mean reward of `rollouts` completions from s. The MC estimate uses K
+    other completions: drawn in the same sampler call but disjoint from the ground truth's,
+    so its error is measured against an independent truth (reusing the first K of them would
+    share their noise and understate the error). Ranking: from each state, `alternatives`
+    more completions are cut after their first step; the resulting next states get a ground
+    truth and an MC estimate the same way, and each estimator is scored on the pairs of one
+    state's alternatives whose true values differ (chance: 0.5).
+    Two sampler calls in all (states, then alternatives), one critic call.
+    Args:
+        states: ValueStates (see analysis_states).
+        sample_fn(states, n) -> n completions (token-id lists) per state (token-id lists).
+        reward_fn(episode, state_ids, completion_ids) -> 0/1, as for vine_values.
+        next_step_fn(state, completion) -> ValueState after the first step, or None.
+        critic_fn(list of token-id lists) -> list of V(s) floats; None under --algo vineppo.
+    Returns:
+        dict of value/* metrics (keys without data, e.g. no rankable pairs, are left out).
+    """
+    outs = sample_fn([s.ids for s in states], rollouts + k + alternatives)
+    truth = [mean_reward(s, o[:rollouts], reward_fn) for s, o in zip(states, outs)]
+    mc = [mean_reward(s, o[rollouts:rollouts + k], reward_fn) for s, o in zip(states, outs)]
+    groups = [[a for a in (next_step_fn(s, c) for c in o[rollouts + k:]) if a is not None]
+              for s, o in zip(states, outs)]
+    alts = [a for g in groups for a in g]
+    alt_outs = sample_fn([a.ids for a in alts], rollouts + k) if alts else []
+    alt_truth = [mean_reward(a, o[:rollouts], reward_fn) for a, o in zip(alts, alt_outs)]
+    alt_mc = [mean_reward(a, o[rollouts:], reward_fn) for a, o in zip(alts, alt_outs)]
+    sizes = [len(g) for g in groups]
+    m = {"value/states": len(states), **mae_by_position("mc", mc, truth, states)}
+    estimators = {"mc": alt_mc}
+    if critic_fn is not None:
+        critic = critic_fn([s.ids for s in states + alts])  # one call for both sets
+        m.update(mae_by_position("critic", critic[:len(states)], truth, states))
+        estimators["critic"] = critic[len(states):]
+    for name, estimates in estimators.items():
+        acc, m["value/rank_pairs"] = ranking_accuracy(split_sizes(list(zip(alt_truth, estimates)), sizes))
+        if m["value/rank_pairs"]:
+            m[f"value/rank_acc_{name}"] = acc
+    return m
+
+
+
+def run_value_analysis(problems, sample_fn, reward_fn, critic, tokenizer, args, task):
+    """One response per held-out problem at the training temperature, then value_analysis on its states."""
+    prompts = [tokenizer(format_prompt(p["problem"])).input_ids for p in problems]
+    responses = sample_fn(prompts, 1, "value analysis")
+    episodes = [make_episode(pr, rs[0], p["answer"], task, tokenizer) for pr, p, rs in zip(prompts, problems, responses)]
+    critic_fn = None if critic is None else (lambda states: critic_state_values(critic, states, tokenizer.pad_token_id))
+    return value_analysis(analysis_states(episodes), lambda states, n: sample_fn(states, n, "value analysis"),
+                          reward_fn, args.k, args.value_analysis_rollouts, make_next_step_fn(tokenizer), critic_fn,
+                          args.value_analysis_alternatives)
+
+
+# ----------------------------------------------------------------------------------------
+# 10. The iteration loop: sample, estimate values, compute advantages, update, evaluate, log, save
+
+def evaluate(policy, tokenizer, problems, args, task):
+    """Pass@1: mean accuracy over eval_samples samples per test problem (SPEC section 7)."""
+    prompts = [tokenizer(format_prompt(p["problem"])).input_ids for p in problems]
+    outs = sample(policy, tokenizer, prompts, args.eval_samples, args.eval_temperature, args.top_p,
+                  args.max_new_tokens, args.sample_batch_size, desc="eval")
+    scores = [score(r, p["answer"], task, tokenizer) for p, rs in zip(problems, outs) for r in rs]
+    return sum(scores) / len(scores)
+
+
+def save_model(model, tokenizer, path, critic=None):
+    """The policy and tokenizer (save_pretrained), and the critic beside them under --algo ppo."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if critic is not None:
+        critic.save_pretrained(Path(path) / "critic")
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(params, args, total_steps):
+    """AdamW, 3% linear warm-up, then linear decay to 0 (SPEC section 5); the critic gets its own."""
+    from transformers import get_linear_schedule_with_warmup
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+
+
+def credit_report(episode, k, algo, color):
+    """One response split into its steps, each with V(s_t) (+- its standard error for MC) and its advantage.
+
+    Green: the step raised the value (positive advantage); red: it lowered it.
+    """
+    lines = [f"reward {episode.reward:.0f}, gold {episode.gold}"]
+    for t, step in enumerate(episode.steps):
+        v = episode.values[t]
+        se = f" +- {math.sqrt(v * (1 - v) / k):.2f}" if algo == "vineppo" else ""
+        tokens = [a for a, s in zip(episode.advantages, episode.step_of_token) if s == t]
+        adv = sum(tokens) / len(tokens) if tokens else 0.0
+        text = f"V={v:.2f}{se:<8} A={adv:+.2f} | {step.strip()!r}"
+        lines.append(f"\033[{32 if adv > 0 else 31 if adv < 0 else 0}m{text}\033[0m" if color else text)
+    return "\n".join(lines)
+
+
+def show_credit(episodes, iteration, args, out_dir):
+    """Print the response whose steps' advantages differ most; append it to credit.md."""
+    ep = max(episodes, key=lambda e: max(e.advantages) - min(e.advantages))
+    tqdm.write(f"credit assignment at iteration {iteration} ({args.algo}):\n"
+               + credit_report(ep, args.k, args.algo, color=sys.stdout.isatty()))
+    with open(out_dir / "credit.md", "a") as f:
+        f.write(f"## iteration {iteration} ({args.algo})\n\n```\n{credit_report(ep, args.k, args.algo, False)}\n```\n\n")
+
+
+def shuffled_forever(n, rng):
+    """Indices 0..n-1 in a fresh random order on every pass: prompts never repeat within a pass."""
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from order
+
+
+def values_and_advantages(episodes, sample_fn, reward_fn, critic, args, device, pad_id):
+    """Sets every episode's values and per-token advantages; returns the phase's metrics.
+
+    VinePPO: Monte Carlo values from K rollouts per state (section 6), step advantages (section 7).
+    PPO: the critic's values and GAE (section 7b). Nothing else differs between the two.
+    """
+    t0, vine_tokens = time.time(), []
+    if critic is None:
+        def counted_sample_fn(states, n):
+            outs = sample_fn(states, n, "vine")
+            vine_tokens.append(sum(len(c) for cs in outs for c in cs))
+            return outs
+
+        m = {"vine/states": vine_values(episodes, counted_sample_fn, reward_fn, args.k, args.max_vine_steps)}
+        for e in episodes:
+            e.advantages = token_advantages(e)
+    else:
+        critic_advantages(critic, episodes, args, device, pad_id)
+        values, returns = torch.cat([e.old_values for e in episodes]), torch.cat([e.returns for e in episodes])
+        m = {"value/explained_variance": explained_variance(values, returns, torch.ones_like(values))}
+    # time/vine is the values phase under either algorithm (for ppo: the critic's forward passes)
+    return {**m, "time/vine": time.time() - t0, "tokens/vine": sum(vine_tokens)}
+
+
+def iteration_metrics(m, episodes, stats, lr):
+    """What an iteration logs beyond its timings and token counts (metric names grouped by prefix)."""
+    n = len(episodes)
+    out = {"train/reward": sum(e.reward for e in episodes) / n,
+           "train/response_length": m["tokens/policy"] / n,
+           "train/steps_per_response": sum(len(e.steps) for e in episodes) / n,
+           "train/mean_value_s0": sum(e.values[0] for e in episodes) / n,
+           "loss/policy": stats.get("policy", float("nan")), "kl": stats.get("kl", float("nan")),
+           "clip_frac": stats.get("clip_frac", float("nan")), "ratio": stats.get("ratio", float("nan")),
+           "grad_norm": stats.get("grad_norm", float("nan")), "lr": lr,
+           "optimizer_steps": stats["optimizer_steps"], "skipped_minibatches": stats["skipped"],
+           "throughput/sample_tokens_per_s": (m["tokens/policy"] + m["tokens/vine"]) / (m["time/sample"] + m["time/vine"])}
+    if "value" in stats:  # --algo ppo
+        out["value/loss"] = stats["value"]
+    return out
+
+
+def train(args):
+    """The whole run. Returns the list of per-iteration metrics."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    task = task_of(args.dataset)
+    train_set, test_set = load_problems(args)
+    test_set = test_set[:args.eval_problems] if args.eval_problems else test_set
+    analysis_set = test_set[:args.value_analysis_problems]  # fixed held-out problems for section 9
+    policy, reference, tokenizer = load_models(args, device)
+    critic = Critic.from_policy(policy).to(device) if args.algo == "ppo" else None  # before any update
+    if critic is not None and device.type == "cuda" and args.gradient_checkpointing:
+        critic.backbone.gradient_checkpointing_enable()
+    torch.manual_seed(args.seed)  # the same sampling whether or not the toy model was just built
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    (out_dir / "credit.md").unlink(missing_ok=True)
+    metrics_file, history = open(out_dir / "metrics.jsonl", "w"), []
+
+    episodes_per_iter = args.prompts_per_iteration * args.samples_per_prompt
+    total_steps = args.iterations * args.ppo_epochs * math.ceil(episodes_per_iter / args.minibatch_size)
+    optimizer, scheduler = make_optimizer(policy.parameters(), args, total_steps)
+    critic_optimizer, critic_scheduler = make_optimizer(critic.parameters(), args, total_steps) if critic else (None, None)
+
+    def sample_fn(prompts, n, desc):
+        return sample(policy, tokenizer, prompts, n, args.temperature, args.top_p, args.max_new_tokens,
+                      args.sample_batch_size, desc=desc)
+
+    def reward_fn(episode, state_ids, completion_ids):  # graded on prefix + completion
+        return score(list(state_ids[len(episode.prompt_ids):]) + completion_ids, episode.gold, task, tokenizer)
+
+    print(f"{args.algo} on {args.dataset}: {len(train_set)} train / {len(test_set)} test problems, "
+          f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, device {device}")
+    prompt_order = shuffled_forever(len(train_set), random.Random(args.seed))
+    shuffle_rng, iteration = random.Random(args.seed + 1), 0  # mini-batch order
+    try:
+        for iteration in range(args.iterations + 1):
+            m = {"iteration": iteration}
+            evaluating = iteration % args.eval_every == 0 or iteration == args.iterations
+            if evaluating:
+                t0 = time.time()
+                m["eval/accuracy"] = evaluate(policy, tokenizer, test_set, args, task)
+                m["time/eval"] = time.time() - t0
+            if args.value_analysis_every and iteration % args.value_analysis_every == 0:
+                t0 = time.time()
+                m.update(run_value_analysis(analysis_set, sample_fn, reward_fn, critic, tokenizer, args, task))
+                m["time/value_analysis"] = time.time() - t0
+            if iteration == args.iterations:  # the final record: evaluation after the last update
+                log(m, metrics_file, history, args)
+                break
+            batch = [train_set[next(prompt_order)] for _ in range(args.prompts_per_iteration)]
+            # 1. sample responses, split them into steps, grade them
+            t0 = time.time()
+            prompts = [tokenizer(format_prompt(p["problem"])).input_ids for p in batch]
+            responses = sample_fn(prompts, args.samples_per_prompt, "sample")
+            episodes = [make_episode(pr, r, p["answer"], task, tokenizer)
+                        for pr, p, rs in zip(prompts, batch, responses) for r in rs]
+            m["time/sample"] = time.time() - t0
+            m["tokens/policy"] = sum(len(e.response_ids) for e in episodes)
+            # 2. values and advantages: vine (MC rollouts) or the critic (GAE); the only difference
+            m.update(values_and_advantages(episodes, sample_fn, reward_fn, critic, args, device, tokenizer.pad_token_id))
+            if evaluating or iteration == args.iterations - 1:
+                show_credit(episodes, iteration, args, out_dir)
+            # 3. the PPO update
+            t0 = time.time()
+            stats = train_on_episodes(policy, reference, optimizer, scheduler, episodes, args, device,
+                                      tokenizer.pad_token_id, shuffle_rng, critic, critic_optimizer, critic_scheduler)
+            m["time/train"] = time.time() - t0
+            m.update(iteration_metrics(m, episodes, stats, scheduler.get_last_lr()[0]))
+            log(m, metrics_file, history, args)
+            if args.save_every and (iteration + 1) % args.save_every == 0:
+                save_model(policy, tokenizer, out_dir / f"checkpoint-{iteration + 1}", critic)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at iteration {iteration}: saving what is done to {out_dir / 'final'}")
+        save_model(policy, tokenizer, out_dir / "final", critic)
+        metrics_file.close()
+        raise SystemExit(130)
+    save_model(policy, tokenizer, out_dir / "final", critic)
+    metrics_file.close()
+    print(f"saved the policy to {out_dir / 'final'}")
+    return history
+
+
+def log(m, metrics_file, history, args):
+    """One JSON line per iteration, one readable summary line on the terminal."""
+    history.append(m)
+    metrics_file.write(json.dumps(m) + "\n")
+    metrics_file.flush()
+    parts = [f"it {m['iteration']:>4}/{args.iterations}"]
+    for key, fmt in (("train/reward", "reward {:.3f}"), ("eval/accuracy", "eval {:.3f}"), ("loss/policy", "loss {:+.4f}"),
+                     ("kl", "kl {:.4f}"), ("clip_frac", "clip {:.3f}"), ("value/loss", "vloss {:.4f}"),
+                     ("value/mae_mc", "mae_mc {:.3f}"), ("value/mae_critic", "mae_critic {:.3f}"),
+                     ("time/sample", "sample {:.1f}s"), ("time/vine", "values {:.1f}s"),
+                     ("time/train", "train {:.1f}s"), ("time/eval", "eval took {:.1f}s")):
+        if key in m:
+            parts.append(fmt.format(m[key]))
+    tqdm.write(" | ".join(parts))
+
+
+# ----------------------------------------------------------------------------------------
+# 11. Plots: `python vineppo.py plot RUN_DIR [RUN_DIR ...]`
+
+NOT_TRAINING_TIME = ("time/eval", "time/value_analysis")  # cost both algorithms alike; not training
+
+
+def read_run(run_dir):
+    """(config, metrics records) of one run directory."""
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        records = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {run_dir} is not a readable run directory (config.json, metrics.jsonl): {e}")
+    return config, records
+
+
+def train_seconds(records):
+    """Training wall-clock before each record's evaluation: the earlier records' time/* summed.
+
+    A record's evaluation runs before its iteration's training, so record i is plotted at the
+    time of iterations 0..i-1. Evaluation and analysis time are left out (NOT_TRAINING_TIME).
+    """
+    out, total = [], 0.0
+    for m in records:
+        out.append(total)
+        total += sum(v for key, v in m.items() if key.startswith("time/") and key not in NOT_TRAINING_TIME)
+    return out
+
+
+def plot_runs(run_dirs, out_png):
+    """Eval accuracy vs iteration and vs training wall-clock, side by side, for several runs;
+    value MAE and ranking accuracy vs iteration in two more panels when the runs logged them."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no display backend needed
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib (pip install matplotlib); training does not")
+    runs = [(f"{config.get('algo', '?')} ({Path(d).name})", records)
+            for d in run_dirs for config, records in [read_run(d)]]
+    keys = sorted({key for _, records in runs for m in records for key in m})
+    value_panels = [(title, [key for key in keys if key.startswith(prefix)])
+                    for title, prefix in (("value MAE against the ground truth", "value/mae_"),
+                                          ("step-ranking accuracy", "value/rank_acc_"))]
+    value_panels = [(title, value_keys) for title, value_keys in value_panels if value_keys]
+    fig = Figure(figsize=(5 * (2 + len(value_panels)), 4), layout="constrained")
+    axes = fig.subplots(1, 2 + len(value_panels), squeeze=False)[0]
+    axes[0].set(title="eval accuracy", xlabel="iteration")
+    axes[1].set(title="eval accuracy", xlabel="training wall-clock (min)")
+    for label, records in runs:
+        evals = [(m["iteration"], t / 60, m["eval/accuracy"]) for m, t in zip(records, train_seconds(records))
+                 if "eval/accuracy" in m]
+        axes[0].plot([e[0] for e in evals], [e[2] for e in evals], marker="o", label=label)
+        axes[1].plot([e[1] for e in evals], [e[2] for e in evals], marker="o", label=label)
+        for ax, (title, value_keys) in zip(axes[2:], value_panels):
+            ax.set(title=title, xlabel="iteration")
+            for key in value_keys:
+                points = [(m["iteration"], m[key]) for m in records if key in m]
+                style = ":" if key.endswith("_late") else "--" if key.endswith("_early") else "-"
+                if points:
+                    ax.plot(*zip(*points), style, marker=".", label=f"{label} {key.split('/', 1)[1]}")
+    if value_panels and value_panels[-1][0] == "step-ranking accuracy":
+        axes[-1].axhline(0.5, color="gray", linewidth=0.8, label="chance")
+    for ax in axes:
+        ax.legend(fontsize="small")
+    fig.savefig(out_png, dpi=120)
+    return out_png
+
+
+def plot_main(argv):
+    """`python vineppo.py plot RUN_DIR [RUN_DIR ...] [--out PNG]`."""
+    parser = argparse.ArgumentParser(prog="vineppo.py plot", description="Compare runs in one PNG.")
+    parser.add_argument("run_dirs", nargs="+", help="output directories of runs (config.json, metrics.jsonl)")
+    parser.add_argument("--out", default="runs.png", help="where the PNG goes")
+    args = parser.parse_args(argv)
+    print(f"wrote {plot_runs(args.run_dirs, args.out)}")
+
+
+# ----------------------------------------------------------------------------------------
+# 12. Main
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        return plot_main(argv[1:])
+    args = parse_args(argv)
+    try:
+        train(args)
+    except KeyboardInterrupt:  # before the loop (loading, the toy warm start): nothing to save yet
+        print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -84,8 +84,9 @@ def arg(default, help):
 class Args:
     # what to train on
     dataset: str = arg("arith", "arith (built-in toy task, no download) | gsm8k | math")
-    data_file: str = arg(None, "local .jsonl in the data set's original fields (gsm8k: question/answer; math: problem/solution[/answer])")
-    eval_data_file: str = arg(None, "local .jsonl of test problems; without it a seeded hold-out of --data-file is the test set")
+    data_file: str = arg(None, "local .jsonl in the data set's original fields "
+                               "(gsm8k: question/answer; math: problem/solution[/answer])")
+    eval_data_file: str = arg(None, "local .jsonl of test problems (default: a seeded hold-out of --data-file)")
     model: str = arg(None, "causal LM hub id or local directory (default: per data set, see PRESETS)")
     algo: str = arg("vineppo", "vineppo (Monte Carlo values) | ppo (value network + GAE, the paper's baseline)")
     engine: str = arg("hf", "sampler: hf (transformers generate); vllm is reserved")
@@ -94,7 +95,8 @@ class Args:
     prompts_per_iteration: int = arg(64, "prompts sampled per iteration")
     samples_per_prompt: int = arg(8, "responses per prompt")
     k: int = arg(9, "vine: Monte Carlo completions per state (paper: K=9)")
-    max_vine_steps: int = arg(0, "estimate values for the first N steps only, later states use the realized return (0: all; GSM8K: 25)")
+    max_vine_steps: int = arg(0, "estimate the first N steps' values only; later states take the realized return "
+                                 "(0: all; GSM8K: 25)")
     gae_lambda: float = arg(1.0, "--algo ppo: GAE lambda (gamma is 1; the authors found lambda = 1 best)")
     ppo_epochs: int = arg(2, "passes over the iteration's episodes")
     minibatch_size: int = arg(64, "episodes per optimizer step")
@@ -119,7 +121,7 @@ class Args:
     value_analysis_problems: int = arg(16, "held-out problems whose step states are analysed")
     value_analysis_rollouts: int = arg(64, "rollouts per state for the ground-truth value (paper: 256)")
     value_analysis_alternatives: int = arg(4, "alternative next steps sampled per state for step ranking")
-    output_dir: str = arg(None, "where config.json, metrics.jsonl, credit.md and final/ go (default: runs/DATASET-ALGO)")
+    output_dir: str = arg(None, "where config.json, metrics.jsonl, credit.md and final/ go (runs/DATASET-ALGO)")
     seed: int = arg(0, "random seed: data order, sampling, toy task and model")
     device: str = arg("auto", "auto | cpu | cuda")
     gradient_checkpointing: bool = arg(True, "trade compute for memory on CUDA (as the authors); ignored on CPU")
@@ -132,9 +134,10 @@ class Args:
 PRESETS = {
     "gsm8k": dict(model="realtreetune/rho-1b-sft-GSM8K", iterations=650, max_vine_steps=25),
     "math": dict(model="realtreetune/rho-1b-sft-MATH", iterations=1000),
-    # CPU demo: a few minutes on 2 cores. Bigger lr because the model is tiny and the run short.
+    # CPU demo: minutes on 2 cores. A bigger lr because the model is tiny and the run short, but not
+    # so big that any gradient direction does (at lr 1e-4 PPO's noisier advantages kept pace).
     "arith": dict(iterations=40, prompts_per_iteration=32, samples_per_prompt=8, minibatch_size=64,
-                  micro_batch_size=64, lr=1e-4, max_new_tokens=48, eval_every=5, eval_problems=256,
+                  micro_batch_size=64, lr=3e-5, max_new_tokens=48, eval_every=5, eval_problems=500,
                   eval_samples=1),
 }
 DATASETS = ("arith", "gsm8k", "math")
@@ -210,6 +213,10 @@ def format_prompt(problem):
 def format_response(solution):
     """The SFT models answer '\\n{solution}\\n' and then EOS."""
     return "\n" + solution + "\n"
+
+
+TOY_OPS = (3, 4)  # operations per toy problem (the response has a step per operation, the last with '####')
+TOY_SLIP_RATE = 0.3  # share of warm-start solutions with one wrong step
 
 
 def make_arith_problem(rng, slip_rate=0.0):
@@ -379,8 +386,6 @@ def task_of(dataset):
 # ----------------------------------------------------------------------------------------
 # 3. Models: policy, frozen reference, and the tiny offline model of the toy task
 
-TOY_OPS = (3, 4)  # operations per toy problem: the response has one step per operation but the last
-TOY_SLIP_RATE = 0.3  # share of warm-start solutions with one wrong step
 TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
 
@@ -422,8 +427,8 @@ def sft_warm_start(model, tokenizer, problems, steps, seed, batch_size=64, lr=2e
 
 def toy_model_dir(args):
     """Warm-started toy model, built once and cached on disk, keyed by everything that shapes it."""
-    key = json.dumps({"model": TOY_MODEL, "steps": args.toy_sft_steps, "seed": args.seed, "slip": TOY_SLIP_RATE, "ops": TOY_OPS, "v": 2},
-                     sort_keys=True)
+    key = json.dumps({"model": TOY_MODEL, "steps": args.toy_sft_steps, "seed": args.seed, "slip": TOY_SLIP_RATE,
+                      "ops": TOY_OPS, "v": 2}, sort_keys=True)
     path = Path(args.toy_cache_dir).expanduser() / f"arith-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if (path / "config.json").exists():
         return str(path)
@@ -435,11 +440,13 @@ def toy_model_dir(args):
     model = LlamaForCausalLM(config)
     t0 = time.time()
     sft_warm_start(model, tokenizer, arith_splits(args.seed, slip_rate=TOY_SLIP_RATE)[0], args.toy_sft_steps, args.seed)
-    tmp = path.with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted warm start
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # a run started alongside may be building the same model
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(path)  # atomic: an interrupted warm start leaves no half-written cache
+    try:
+        tmp.rename(path)  # atomic: an interrupted warm start leaves no half-written cache
+    except OSError:  # the other run finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"toy model warm-started in {time.time() - t0:.0f}s, cached at {path}")
     return str(path)
 
@@ -492,6 +499,43 @@ def disable_dropout(model):
 def autocast(device):
     """bf16 autocast on CUDA, a no-op on CPU (float32 there)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# Batches of episodes as tensors, and the log-probabilities a model gives their tokens
+
+def pad_episodes(prompts, responses, pad_id):
+    """Right-padded prompt+response batch.
+
+    Returns input_ids [batch, seq], attention_mask [batch, seq], and response_mask
+    [batch, seq-1] marking which next-token targets input_ids[:, 1:] are response tokens.
+    """
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids, attn, resp = [], [], []
+    for p, r in zip(prompts, responses):
+        pad = width - len(p) - len(r)
+        ids.append(p + r + [pad_id] * pad)
+        attn.append([1] * (len(p) + len(r)) + [0] * pad)
+        resp.append([0] * (len(p) - 1) + [1] * len(r) + [0] * pad)
+    return torch.tensor(ids), torch.tensor(attn), torch.tensor(resp, dtype=torch.float32)
+
+
+def response_tensor(per_episode, prompts, width):
+    """Place per-response-token numbers at their target positions of a [batch, width] tensor."""
+    out = torch.zeros(len(per_episode), width)
+    for b, (vals, p) in enumerate(zip(per_episode, prompts)):
+        out[b, len(p) - 1:len(p) - 1 + len(vals)] = torch.as_tensor(vals, dtype=torch.float32)
+    return out
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature):
+    """log pi(token | prefix) of every next token, logits divided by the sampling temperature.
+
+    Returns [batch, seq-1] (the temperature makes these the probabilities the tokens were sampled with).
+    """
+    with autocast(input_ids.device):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # [batch, seq-1, vocab]
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -853,41 +897,6 @@ def explained_variance(values, returns, mask):
 # ----------------------------------------------------------------------------------------
 # 8. The PPO loss with KL to the reference (paper Eq. 2; SPEC section 5)
 
-def pad_episodes(prompts, responses, pad_id):
-    """Right-padded prompt+response batch.
-
-    Returns input_ids [batch, seq], attention_mask [batch, seq], and response_mask
-    [batch, seq-1] marking which next-token targets input_ids[:, 1:] are response tokens.
-    """
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    ids, attn, resp = [], [], []
-    for p, r in zip(prompts, responses):
-        pad = width - len(p) - len(r)
-        ids.append(p + r + [pad_id] * pad)
-        attn.append([1] * (len(p) + len(r)) + [0] * pad)
-        resp.append([0] * (len(p) - 1) + [1] * len(r) + [0] * pad)
-    return torch.tensor(ids), torch.tensor(attn), torch.tensor(resp, dtype=torch.float32)
-
-
-def response_tensor(per_episode, prompts, width):
-    """Place per-response-token numbers at their target positions of a [batch, width] tensor."""
-    out = torch.zeros(len(per_episode), width)
-    for b, (vals, p) in enumerate(zip(per_episode, prompts)):
-        out[b, len(p) - 1:len(p) - 1 + len(vals)] = torch.as_tensor(vals, dtype=torch.float32)
-    return out
-
-
-def token_logprobs(model, input_ids, attention_mask, temperature):
-    """log pi(token | prefix) of every next token, logits divided by the sampling temperature.
-
-    Returns [batch, seq-1] (the temperature makes these the probabilities the tokens were sampled with).
-    """
-    with autocast(input_ids.device):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]  # [batch, seq-1, vocab]
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-
-
 def ppo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, num_tokens=None, num_responses=None):
     """Clipped PPO surrogate plus beta * k3 KL to the reference.
 
@@ -1137,7 +1146,8 @@ def run_value_analysis(problems, sample_fn, reward_fn, critic, tokenizer, args, 
     """One response per held-out problem at the training temperature, then value_analysis on its states."""
     prompts = [tokenizer(format_prompt(p["problem"])).input_ids for p in problems]
     responses = sample_fn(prompts, 1, "value analysis")
-    episodes = [make_episode(pr, rs[0], p["answer"], task, tokenizer) for pr, p, rs in zip(prompts, problems, responses)]
+    episodes = [make_episode(pr, rs[0], p["answer"], task, tokenizer)
+                for pr, p, rs in zip(prompts, problems, responses)]
     critic_fn = None if critic is None else (lambda states: critic_state_values(critic, states, tokenizer.pad_token_id))
     return value_analysis(analysis_states(episodes), lambda states, n: sample_fn(states, n, "value analysis"),
                           reward_fn, args.k, args.value_analysis_rollouts, make_next_step_fn(tokenizer), critic_fn,
@@ -1199,7 +1209,8 @@ def show_credit(episodes, iteration, args, out_dir):
     tqdm.write(f"credit assignment at iteration {iteration} ({args.algo}):\n"
                + credit_report(ep, args.k, args.algo, color=sys.stdout.isatty()))
     with open(out_dir / "credit.md", "a") as f:
-        f.write(f"## iteration {iteration} ({args.algo})\n\n```\n{credit_report(ep, args.k, args.algo, False)}\n```\n\n")
+        report = credit_report(ep, args.k, args.algo, color=False)
+        f.write(f"## iteration {iteration} ({args.algo})\n\n```\n{report}\n```\n\n")
 
 
 def shuffled_forever(n, rng):
@@ -1245,7 +1256,8 @@ def iteration_metrics(m, episodes, stats, lr):
            "clip_frac": stats.get("clip_frac", float("nan")), "ratio": stats.get("ratio", float("nan")),
            "grad_norm": stats.get("grad_norm", float("nan")), "lr": lr,
            "optimizer_steps": stats["optimizer_steps"], "skipped_minibatches": stats["skipped"],
-           "throughput/sample_tokens_per_s": (m["tokens/policy"] + m["tokens/vine"]) / (m["time/sample"] + m["time/vine"])}
+           "throughput/sample_tokens_per_s":
+               (m["tokens/policy"] + m["tokens/vine"]) / (m["time/sample"] + m["time/vine"])}
     if "value" in stats:  # --algo ppo
         out["value/loss"] = stats["value"]
     return out
@@ -1274,7 +1286,8 @@ def train(args):
     episodes_per_iter = args.prompts_per_iteration * args.samples_per_prompt
     total_steps = args.iterations * args.ppo_epochs * math.ceil(episodes_per_iter / args.minibatch_size)
     optimizer, scheduler = make_optimizer(policy.parameters(), args, total_steps)
-    critic_optimizer, critic_scheduler = make_optimizer(critic.parameters(), args, total_steps) if critic else (None, None)
+    critic_optimizer, critic_scheduler = (make_optimizer(critic.parameters(), args, total_steps) if critic
+                                          else (None, None))
 
     def sample_fn(prompts, n, desc):
         return sample(policy, tokenizer, prompts, n, args.temperature, args.top_p, args.max_new_tokens,
@@ -1312,7 +1325,8 @@ def train(args):
             m["time/sample"] = time.time() - t0
             m["tokens/policy"] = sum(len(e.response_ids) for e in episodes)
             # 2. values and advantages: vine (MC rollouts) or the critic (GAE); the only difference
-            m.update(values_and_advantages(episodes, sample_fn, reward_fn, critic, args, device, tokenizer.pad_token_id))
+            m.update(values_and_advantages(episodes, sample_fn, reward_fn, critic, args, device,
+                                           tokenizer.pad_token_id))
             if evaluating or iteration == args.iterations - 1:
                 show_credit(episodes, iteration, args, out_dir)
             # 3. the PPO update
@@ -1341,7 +1355,8 @@ def log(m, metrics_file, history, args):
     metrics_file.write(json.dumps(m) + "\n")
     metrics_file.flush()
     parts = [f"it {m['iteration']:>4}/{args.iterations}"]
-    for key, fmt in (("train/reward", "reward {:.3f}"), ("eval/accuracy", "eval {:.3f}"), ("loss/policy", "loss {:+.4f}"),
+    for key, fmt in (("train/reward", "reward {:.3f}"), ("eval/accuracy", "eval {:.3f}"),
+                     ("loss/policy", "loss {:+.4f}"),
                      ("kl", "kl {:.4f}"), ("clip_frac", "clip {:.3f}"), ("value/loss", "vloss {:.4f}"),
                      ("value/mae_mc", "mae_mc {:.3f}"), ("value/mae_critic", "mae_critic {:.3f}"),
                      ("time/sample", "sample {:.1f}s"), ("time/vine", "values {:.1f}s"),

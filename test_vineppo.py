@@ -483,7 +483,7 @@ def test_bad_flags_are_refused(argv, message, capsys):
     (None, "does not exist"),
     ('{"question": "q", "answer": "#### 1"}\n{not json}\n', ":2 is not valid JSON"),
     ('{"question": "q"}\n', ":1 lacks field(s) answer"),
-    ("\n\n", "holds no problems"),
+    ("\n\n", "holds no problems with a final answer"),
 ])
 def test_bad_data_files(tmp_path, content, message):
     path = tmp_path / "data.jsonl"
@@ -816,11 +816,15 @@ def test_more_bad_flags(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_gsm8k_row_without_a_final_answer_names_its_line(tmp_path):
+def test_rows_without_a_final_answer_are_skipped_by_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"question": "q", "answer": "2+2=4\\n#### 4"}\n{"question": "q", "answer": "no answer here"}\n')
-    with pytest.raises(SystemExit, match=":2 has no final answer"):
-        vineppo.read_jsonl(path, "gsm8k")
+    with pytest.warns(UserWarning, match=r"skipped 1 problem\(s\) with no final answer .*lines 2"):
+        rows = vineppo.read_jsonl(path, "gsm8k")
+    assert [r["answer"] for r in rows] == ["4"]
+    path.write_text('{"problem": "p", "solution": "so $\\\\boxed{}$"}\n')  # MATH's empty box
+    with pytest.raises(SystemExit, match="holds no problems with a final answer"), pytest.warns(UserWarning):
+        vineppo.read_jsonl(path, "math")
 
 
 def test_local_eval_file_is_the_test_set(tmp_path):

@@ -62,7 +62,7 @@ import socket
 import sys
 import time
 import warnings
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -87,7 +87,8 @@ class Args:
     data_file: str = arg(None, "local .jsonl in the data set's original fields "
                                "(gsm8k: question/answer; math: problem/solution[/answer])")
     eval_data_file: str = arg(None, "local .jsonl of test problems (default: a seeded hold-out of --data-file)")
-    model: str = arg(None, "causal LM hub id or local directory (default: per data set, see PRESETS)")
+    model: str = arg(None, "causal LM hub id or local directory (default: per data set, see PRESETS; "
+                           "arith builds its own)")
     algo: str = arg("vineppo", "vineppo (Monte Carlo values) | ppo (value network + GAE, the paper's baseline)")
     engine: str = arg("hf", "sampler: hf (transformers generate); vllm is reserved")
     # the RL loop (SPEC section 5)
@@ -121,7 +122,7 @@ class Args:
     value_analysis_problems: int = arg(16, "held-out problems whose step states are analysed")
     value_analysis_rollouts: int = arg(64, "rollouts per state for the ground-truth value (paper: 256)")
     value_analysis_alternatives: int = arg(4, "alternative next steps sampled per state for step ranking")
-    output_dir: str = arg(None, "where config.json, metrics.jsonl, credit.md and final/ go (runs/DATASET-ALGO)")
+    output_dir: str = arg(None, "config.json, metrics.jsonl, credit.md and final/ go here (default: runs/DATASET-ALGO)")
     seed: int = arg(0, "random seed: data order, sampling, toy task and model")
     device: str = arg("auto", "auto | cpu | cuda")
     gradient_checkpointing: bool = arg(True, "trade compute for memory on CUDA (as the authors); ignored on CPU")
@@ -150,7 +151,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="VinePPO in one file. Defaults are the paper's; "
                                      "--dataset arith (the default) overrides some of them, see PRESETS.")
     for f in dataclasses.fields(Args):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"] + f" (default: {f.default})"
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        help += f" (default: {f.default})" if f.default is not None else ""
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
@@ -210,12 +212,16 @@ def format_prompt(problem):
     return PROMPT.format(problem=problem)
 
 
+def prompt_ids(tokenizer, problem):
+    return tokenizer(format_prompt(problem["problem"])).input_ids
+
+
 def format_response(solution):
     """The SFT models answer '\\n{solution}\\n' and then EOS."""
     return "\n" + solution + "\n"
 
 
-TOY_OPS = (3, 4)  # operations per toy problem (the response has a step per operation, the last with '####')
+TOY_OPS = (3, 4)  # operations per toy problem: 2-3 steps, as the last operation's line holds the '####' answer
 TOY_SLIP_RATE = 0.3  # share of warm-start solutions with one wrong step
 
 
@@ -273,12 +279,26 @@ ROW_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
 ROW_FORMAT = {"gsm8k": gsm8k_row, "math": math_row}
 
 
+def with_answers(rows, name):
+    """Rows whose final answer cannot be found are skipped (and named), not trained on as always wrong.
+
+    Real data has a few: MATH has solutions with an empty \\boxed{}.
+    """
+    skipped = [r for r in rows if not r["answer"]]
+    if skipped:
+        lines = [str(r["line"]) for r in skipped if "line" in r][:10]
+        where = f", lines {', '.join(lines)}" if lines else ""
+        warnings.warn(f"{name}: skipped {len(skipped)} problem(s) with no final answer (out of {len(rows)}; gsm8k "
+                      f"needs a '#### N' line, math an `answer` field or a \\boxed{{}}){where}")
+    return [r for r in rows if r["answer"]]
+
+
 def read_jsonl(path, task):
     """Problems of a local .jsonl file in the data set's original layout; errors name the line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise SystemExit(f"error: data file {path} does not exist")
-    rows, no_answer = [], []
+    rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -291,14 +311,8 @@ def read_jsonl(path, task):
             if missing:
                 raise SystemExit(f"error: {path}:{n} lacks field(s) {', '.join(missing)}; a {task} file needs "
                                  f"{' and '.join(ROW_FIELDS[task])} on every line")
-            row = ROW_FORMAT[task](row)
-            if row["answer"]:
-                rows.append(row)
-            else:  # real data has a few (MATH: an empty \boxed{}): skip them, say which
-                no_answer.append(n)
-    if no_answer:
-        warnings.warn(f"{path}: skipped {len(no_answer)} problem(s) with no final answer (gsm8k: a '#### N' line; "
-                      f"math: an `answer` field or a \\boxed{{}}), lines {', '.join(map(str, no_answer[:10]))}")
+            rows.append({**ROW_FORMAT[task](row), "line": n})
+    rows = with_answers(rows, str(path))
     if not rows:
         raise SystemExit(f"error: data file {path} holds no problems with a final answer")
     return rows
@@ -344,14 +358,6 @@ MATH_HUB = "EleutherAI/hendrycks_math"
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                  "number_theory", "prealgebra", "precalculus")
 MATH500_HUB = "HuggingFaceH4/MATH-500"
-
-
-def with_answers(rows, name):
-    """Hub rows whose final answer cannot be found are dropped (and counted), not trained on as wrong."""
-    kept = [r for r in rows if r["answer"]]
-    if len(kept) < len(rows):
-        warnings.warn(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} problems with no final answer")
-    return kept
 
 
 def load_problems(args):
@@ -414,7 +420,7 @@ def sft_warm_start(model, tokenizer, problems, steps, seed, batch_size=64, lr=2e
     model.train()
     for _ in tqdm(range(steps), desc="toy warm start (SFT)", leave=False):
         batch = rng.sample(problems, batch_size)
-        prompts = [tokenizer(format_prompt(p["problem"])).input_ids for p in batch]
+        prompts = [prompt_ids(tokenizer, p) for p in batch]
         responses = [tokenizer(format_response(p["solution"])).input_ids + [tokenizer.eos_token_id] for p in batch]
         input_ids, attn, resp_mask = pad_episodes(prompts, responses, tokenizer.pad_token_id)
         logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]  # [batch, seq-1, vocab]
@@ -448,8 +454,10 @@ def toy_model_dir(args):
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(path)  # atomic: an interrupted warm start leaves no half-written cache
-    except OSError:  # the other run finished first: keep its copy
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "config.json").exists():  # not "the other run finished first": a real error
+            raise
     print(f"toy model warm-started in {time.time() - t0:.0f}s, cached at {path}")
     return str(path)
 
@@ -632,7 +640,8 @@ def token_char_starts(response_ids, tokenizer):
     """
     text = decode(tokenizer, response_ids)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    body = [t for t in response_ids if t not in tokenizer.all_special_ids]
+    specials = set(tokenizer.all_special_ids)
+    body = [t for t in response_ids if t not in specials]
     if enc.input_ids == body and len(body) == len(response_ids) - (response_ids[-1:] == [tokenizer.eos_token_id]):
         return [start for start, _ in enc.offset_mapping] + [len(text)] * (len(response_ids) - len(body))
     prefixes = tokenizer.batch_decode([response_ids[:i] for i in range(len(response_ids))],
@@ -664,10 +673,13 @@ class Episode:
     old_values: torch.Tensor = None  # [resp_len] --algo ppo: the critic's values before the update
     returns: torch.Tensor = None     # [resp_len] --algo ppo: the critic's regression targets
 
+    def step_start(self, t):
+        """Index of the first response token of step t (step_of_token is non-decreasing)."""
+        return bisect_left(self.step_of_token, t)
+
     def state(self, t):
         """Token ids of state s_t: the prompt plus the tokens of steps 0..t-1."""
-        start = next((i for i, s in enumerate(self.step_of_token) if s >= t), len(self.response_ids))
-        return self.prompt_ids + self.response_ids[:start]
+        return self.prompt_ids + self.response_ids[:self.step_start(t)]
 
 
 def make_episode(prompt_ids, response_ids, gold, task, tokenizer):
@@ -694,17 +706,18 @@ def vine_values(episodes, sample_fn, reward_fn, k, max_steps=0):
             realized return (the authors' cap of 25 on GSM8K). 0: no cap.
     Sets episode.values ([num_steps + 1]) and returns the number of states sampled.
     """
+    n_estimated = [min(len(ep.steps), max_steps or len(ep.steps)) for ep in episodes]
+    keys_of = [[tuple(ep.state(t)) for t in range(n)] for ep, n in zip(episodes, n_estimated)]
     states = {}  # prefix token ids -> an episode it belongs to (for its gold answer)
-    for ep in episodes:
-        for t in range(len(ep.steps) if not max_steps else min(len(ep.steps), max_steps)):
-            states.setdefault(tuple(ep.state(t)), ep)
-    keys = list(states)
-    completions = sample_fn([list(key) for key in keys], k)
-    value_of = {key: sum(reward_fn(states[key], key, c) for c in comps) / k for key, comps in zip(keys, completions)}
-    for ep in episodes:
-        estimated = [value_of.get(tuple(ep.state(t))) for t in range(len(ep.steps))]
-        ep.values = [ep.reward if v is None else v for v in estimated] + [0.0]
-    return len(keys)
+    for ep, keys in zip(episodes, keys_of):
+        for key in keys:
+            states.setdefault(key, ep)
+    completions = sample_fn([list(key) for key in states], k)
+    value_of = {key: sum(reward_fn(states[key], key, c) for c in comps) / k for key, comps in zip(states, completions)}
+    for ep, keys in zip(episodes, keys_of):
+        realized = [ep.reward] * (len(ep.steps) - len(keys))  # past the cap
+        ep.values = [value_of[key] for key in keys] + realized + [0.0]
+    return len(states)
 
 
 # ----------------------------------------------------------------------------------------
@@ -859,8 +872,8 @@ def critic_advantages(critic, episodes, args, device, pad_id):
         for b, e in enumerate(chunk):
             span = slice(len(e.prompt_ids) - 1, len(e.prompt_ids) - 1 + len(e.response_ids))
             e.old_values, e.returns, e.advantages = values[b, span], returns[b, span], advantages[b, span].tolist()
-            firsts = [e.step_of_token.index(t) if t in e.step_of_token else None for t in range(len(e.steps))]
-            e.values = [float(e.old_values[f]) if f is not None else 0.0 for f in firsts] + [0.0]
+            firsts = [min(e.step_start(t), len(e.response_ids) - 1) for t in range(len(e.steps))]
+            e.values = [float(e.old_values[f]) for f in firsts] + [0.0]  # V(s_t): the value before step t's first token
 
 
 def value_loss(values, old_values, returns, mask, clip=0.2, num_tokens=None):
@@ -1147,7 +1160,7 @@ def value_analysis(states, sample_fn, reward_fn, k, rollouts, next_step_fn, crit
 
 def run_value_analysis(problems, sample_fn, reward_fn, critic, tokenizer, args, task):
     """One response per held-out problem at the training temperature, then value_analysis on its states."""
-    prompts = [tokenizer(format_prompt(p["problem"])).input_ids for p in problems]
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
     responses = sample_fn(prompts, 1, "value analysis")
     episodes = [make_episode(pr, rs[0], p["answer"], task, tokenizer)
                 for pr, p, rs in zip(prompts, problems, responses)]
@@ -1162,7 +1175,7 @@ def run_value_analysis(problems, sample_fn, reward_fn, critic, tokenizer, args, 
 
 def evaluate(policy, tokenizer, problems, args, task):
     """Pass@1: mean accuracy over eval_samples samples per test problem (SPEC section 7)."""
-    prompts = [tokenizer(format_prompt(p["problem"])).input_ids for p in problems]
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
     outs = sample(policy, tokenizer, prompts, args.eval_samples, args.eval_temperature, args.top_p,
                   args.max_new_tokens, args.sample_batch_size, desc="eval")
     scores = [score(r, p["answer"], task, tokenizer) for p, rs in zip(problems, outs) for r in rs]
@@ -1321,7 +1334,7 @@ def train(args):
             batch = [train_set[next(prompt_order)] for _ in range(args.prompts_per_iteration)]
             # 1. sample responses, split them into steps, grade them
             t0 = time.time()
-            prompts = [tokenizer(format_prompt(p["problem"])).input_ids for p in batch]
+            prompts = [prompt_ids(tokenizer, p) for p in batch]
             responses = sample_fn(prompts, args.samples_per_prompt, "sample")
             episodes = [make_episode(pr, r, p["answer"], task, tokenizer)
                         for pr, p, rs in zip(prompts, batch, responses) for r in rs]

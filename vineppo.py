@@ -447,6 +447,7 @@ def toy_model_dir(args):
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TOY_MODEL)
     model = LlamaForCausalLM(config)
+    print(f"building the toy model: {args.toy_sft_steps} supervised warm-start steps, once (cached in {path.parent})")
     t0 = time.time()
     sft_warm_start(model, tokenizer, arith_splits(args.seed, slip_rate=TOY_SLIP_RATE)[0], args.toy_sft_steps, args.seed)
     tmp = path.with_suffix(f".tmp{os.getpid()}")  # a run started alongside may be building the same model

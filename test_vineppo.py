@@ -1013,6 +1013,15 @@ def test_sampler_stops_at_the_stop_string(sp_tokenizer, sp_model):
     assert vineppo.score(out, "5", "gsm8k", tok) == 1.0
 
 
+def test_a_stop_string_that_starts_in_the_vine_state_still_finishes_the_completion(char_tokenizer):
+    tok = char_tokenizer
+    ep = make_episode([1], tok("\n#### 5\n").input_ids + [tok.eos_token_id], "5", "gsm8k", tok)
+    state = ep.prompt_ids + tok("\n#### 5\n").input_ids  # a state whose text ends with a newline
+    completion = tok("\n\nProblem: what is 2 + 2?").input_ids  # HF's stop check ends it here, with no EOS
+    run = __import__("types").SimpleNamespace(task="gsm8k", tokenizer=tok)
+    assert vineppo.Run.reward_fn(run, ep, state, completion) == 1.0
+
+
 def test_extreme_logprobs_at_masked_positions_give_finite_gradients():
     # the five lines of the issue: a -100 log-prob at a masked (prompt) position
     logp = torch.tensor([[-100.0, -1.0]], requires_grad=True)
@@ -1367,6 +1376,8 @@ def test_resume_refusals(tmp_path, capsys, monkeypatch):
     run_main(base + ["--save-every", "1"])
     with pytest.raises(SystemExit, match=r"--algo vineppo \(now ppo\), --k 2 \(now 3\)"):
         run_main(base + ["--resume", "--algo", "ppo", "--k", "3"])
+    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run: add --resume"):
+        run_main(base + ["--save-every", "1"])  # a new run would mix its checkpoints with the old run's
     (tmp_path / "a-file").write_text("")
     monkeypatch.setattr(vineppo, "load_models", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit, match="cannot be written"):

@@ -37,7 +37,7 @@ Where this file departs from the paper / the authors' code:
     server from a checkpoint every iteration). vLLM's sleep mode during the update is not used.
   - MATH steps (split_math): the authors' five passes; in the fifth, what follows a cut inside a
     formula is cut only inside formulas (the authors track this with a character range). On the
-    8,000 MATH-500 and MATH train solutions, 7,945 split exactly as the authors' code does; the 55
+    8,000 MATH-500 and MATH train solutions, 7,983 split exactly as the authors' code does; the 17
     others differ only in that fifth pass.
   - A response with more than one "\n#### " is split at the last one (the authors drop the episode);
     one of blank lines only is one step (theirs: one step per line).
@@ -870,7 +870,7 @@ def halve_long(piece, math_only=False):
     if cut is not None:
         return halve_long(show_math(hidden[:cut], spans)) + halve_long(show_math(hidden[cut:], spans))
     cut = best_cut(piece, [r",\$", r",\\\)", r",\\\]", r"=", r"\\equiv", r"\+", r"\\cancelto"], 20)
-    return [piece] if cut is None else halve_long(piece[:cut]) + halve_long(piece[cut:], math_only=True)
+    return [piece] if cut is None else halve_long(piece[:cut], math_only) + halve_long(piece[cut:], math_only=True)
 
 
 def split_math(text):
@@ -1608,8 +1608,8 @@ class Run:
 
     def reward_fn(self, episode, state_ids, completion_ids):
         """The reward of a vine completion: the grade of the whole solution, prefix + completion."""
-        tail = list(state_ids[len(episode.prompt_ids):]) + completion_ids
-        return score(tail, episode.gold, self.task, self.tokenizer)
+        tail = end_at_stop(list(state_ids[len(episode.prompt_ids):]) + completion_ids, self.tokenizer)
+        return score(tail, episode.gold, self.task, self.tokenizer)  # (the stop string may start in the state)
 
 
 def setup(args):
@@ -1618,6 +1618,9 @@ def setup(args):
     Returns (run, first iteration to run, metrics records so far)."""
     out_dir = writable_output_dir(args.output_dir)  # before anything slow: a bad directory fails in a second
     checkpoint = newest_checkpoint(out_dir, args) if args.resume else None
+    if not args.resume and complete_checkpoints(out_dir):  # never mix two runs' checkpoints, never delete one
+        raise SystemExit(f"error: {out_dir} holds checkpoints of an earlier run: add --resume to continue it, or "
+                         f"give another --output-dir")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     grader.start()  # sympy's helper processes start while the models load
@@ -1731,7 +1734,9 @@ def log(m, metrics_file, history, args):
 # ----------------------------------------------------------------------------------------
 # 11. Checkpoints: atomic saves, and an exact --resume
 
-# flags that may differ between a run and its resumption; any other must match the checkpoint's
+# flags that may differ between a run and its resumption (the resumed run is bit-for-bit the straight one
+# only when they stay the same: they change the schedule's length or how much randomness is drawn);
+# any other must match the checkpoint's
 RESUMABLE = {"iterations", "eval_every", "eval_problems", "eval_samples", "save_every", "keep_checkpoints", "resume",
              "value_analysis_every", "micro_batch_size", "sample_batch_size", "engine", "vllm_gpu_memory",
              "vllm_cpu_kv_gib", "device", "gradient_checkpointing", "output_dir", "toy_cache_dir"}
@@ -1786,8 +1791,11 @@ def save_checkpoint(run, iteration, history):
                     "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []}, tmp / "state.pt")
         (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "config": dataclasses.asdict(run.args),
                                                     "metrics": history}))
+        for f in tmp.iterdir():  # on disk before the rename, so a crash or power loss never leaves a partial one
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
         tmp.rename(final)  # atomic: a checkpoint-N/ is always complete
-    except OSError as e:
+    except Exception as e:  # a full disk: OSError, or torch's and safetensors' own errors
         shutil.rmtree(tmp, ignore_errors=True)
         warnings.warn(f"could not write {final} ({e}); the earlier checkpoints stay, training goes on")
         return
@@ -1803,7 +1811,7 @@ def load_checkpoint(path, models, device):
     from safetensors.torch import load_model as load_weights
     for name, (model, _, _) in zip(("policy", "critic"), models):
         load_weights(model, str(path / f"{name}.safetensors"), device=str(device))
-    state = torch.load(path / "state.pt", weights_only=True)
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")  # load_state_dict moves it
     for (_, opt, sched), opt_state, sched_state in zip(models, state["optimizers"], state["schedulers"]):
         opt.load_state_dict(opt_state)
         sched.load_state_dict(sched_state)

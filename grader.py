@@ -3,24 +3,33 @@
 extract_answer finds the final answer. is_equiv normalizes two answers (_RULES, one LaTeX habit per rule)
 and accepts: the same string or number (0.75 = \\frac{3}{4}); tuples and intervals element-wise, with their
 brackets; sets, bare lists and "a \\pm b" in any order; matrices cell by cell; relations up to a positive
-factor (x > 1 = 1 < x); anything else sympy finds equal, at random points if it has variables.
+factor (x > 1 = 1 < x); and values whose difference is zero (x(x+1) = x^2+x, \\sin^2 x+\\cos^2 x = 1).
+
+The grader is the reward an RL policy optimises, so every answer is treated as adversarial input:
+- Model text is never evaluated. _Parser reads LaTeX token by token and builds the sympy expression by
+  calling sympy's constructors; no name, attribute or call that the text spells out can be reached.
+- No wrong answer may score 1. A difference of + - * / over variables and rationals is decided exactly
+  (a polynomial identity); anything else is zero if sympy simplifies it to 0, or if it is zero at four
+  points drawn from a hash of the pair (no answer can be built to vanish there), to 15 significant digits.
+  Only an answer that is itself a decimal with 6+ places may differ from an exact value, by half its last
+  place (0.0833333333333333 = 1/12, 0.333 != 1/3); booleans are no numbers; "2,1255" is not a number;
+  words that join answers ("12 or 13") are never dropped as units.
+- Bounded time and memory: numbers beyond 2^1000 are compared as text; sympy runs in a helper process
+  (`python grader.py --serve`) capped at 512 MB and killed after 1.5 s, then replaced by a second one kept
+  started and standing by. Every call returns within 2 s, from any thread, and never raises.
 
 Unlike the authors' grader (McGill-NLP/VinePPO), GSM8K answers are compared as numbers, not strings
 (2,125 = 2125), and MATH answers get no 1e-3 tolerance and no x100 or /100 percent rescaling (0 != 0.0009,
-25 != 0.25). Only a decimal with 6+ places may differ from an exact value, by less than its last place
-(0.0833333333333333 = 1/12, but 0.333 != 1/3).
-
-sympy can hang (9^{9^{9}}), so it runs in a helper process (`python grader.py --serve`) that is replaced
-when it overruns, by a second one kept started and standing by: every call returns within 2 s, from any
-thread, and never raises; an overrun is wrong, and the call after it finds a helper ready.
+25 != 0.25).
 """
-import atexit, json, os, random, re, select, subprocess, sys, threading, time
+import atexit, hashlib, json, os, random, re, select, subprocess, sys, threading, time
 from fractions import Fraction
 from functools import lru_cache
 
 
 # ---- extraction ----
-_NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?|-?\.\d+"  # "-3", "2,125", "0.5", "3/4", ".5"
+# A number, whole: "-3", "2,125", "0.5", "3/4", ".5"; never a piece of a malformed one ("2,1255" holds none)
+_NUMBER = r"(?<![\d.,])-?(?:\d{1,3}(?:,\d{3})+|\d+|(?=\.\d))(?:\.\d+)?(?:/\d+)?(?!\d|[.,/]\d)"
 
 def _braced(s, i):  # the {...} group that opens at s[i]: its content, and the index just after it
     if s[i : i + 1] != "{":
@@ -58,6 +67,8 @@ def extract_answer(text, task):
 
 
 # ---- normalization: each rule is (pattern, replacement), applied in this order ----
+# words that join or qualify answers, never units: "12 or 13", "5 at least" are not "12", "5"
+_HEDGES = "or|and|nor|not|but|than|to|plus|minus|times|either|neither|except|less|more|least|most|about|if|is|are"
 _LHS = r"^ ?(?:[a-zA-Z](?:_\{?\w+\}?)?|\([a-zA-Z, ]+\)) ?=(?!=) ?"  # "x = ", "F_n = ", "(p,q) = "
 _RULES = [(re.compile(p), r) for p, r in [
     (r"\s+", " "),                                         # spaces: "a \n b" -> "a b"
@@ -68,7 +79,8 @@ _RULES = [(re.compile(p), r) for p, r in [
     (r"\^\{?\\circ\}?|\\circ|\\degree|°", ""),            # degrees: "90^\circ" -> "90"
     (r"\\?[%$]", ""),                                      # percent, dollars: "28\%", "\$10" -> "28", "10"
     (r"\s*,?\s*\band\b\s*", ","),                          # "and" lists: "6 and 8", "1, 2, and 3" -> "6,8", "1, 2,3"
-    (r"(?<=[\d})\]])\s+[a-zA-Z][a-zA-Z. ]+(?:\^\d)?$", ""),  # units: "15 cm^2", "4:30 p.m." -> "15", "4:30"
+    (r"(?<=[\d})\]])\s+(?!.*\b(?:" + _HEDGES + r")\b)(?=.*[a-zA-Z][a-zA-Z.])[a-zA-Z][a-zA-Z. ]+(?:\^\d)?$",
+     ""),                                                  # units: "15 cm^2", "4:30 p.m." -> "15", "4:30"; not "4 x y"
     (r"^ ?-?\d{1,3}(?:,\d{3})+(?:\.\d+)? ?$", lambda m: m[0].replace(",", "")),  # thousands: "7,425,000" -> "7425000"
     (r"^ ?[a-zA-Z] ?\\in ", ""),                           # membership: "x \in [0,1)" -> "[0,1)"
     (_LHS, ""),                                            # named answer: "x = 3", "(p,q)=(3,2)" -> "3", "(3,2)"
@@ -150,20 +162,36 @@ def _equiv(a, b):  # is_equiv for two normalized answers, with sympy: the helper
     return True
 
 def _scalar_equiv(a, b):
+    import sympy
     a, b = re.sub(_LHS, "", a), re.sub(_LHS, "", b)  # list items: "x=1,y=2"
     rel = r"(<=|>=|!=|<|>|=)"  # top level only: the "=" of "\sum_{k=0}" is not a relation
     ra, rb = _split_top(a, rel), _split_top(b, rel)
     if len(ra) != len(rb) or len(ra) > 3:
         return a == b
+    key = a + "\n" + b  # what the evaluation points are drawn from
     if len(ra) == 1:  # two values
         x, y = _to_sympy(a), _to_sympy(b)
-        return x is not None and y is not None and _same_values(x, y, _tolerance(a, b))
+        if x is None or y is None:
+            return False
+        if places := _rounding(a, b):  # "0.0833333" = 1/12: off by at most half its last place
+            d = x - y
+            return not d.free_symbols and bool(abs(d.evalf(30)) <= sympy.Rational(1, 2 * 10**places))
+        return _is_zero(x - y, key)  # "y^2+2y+1" is not "x^2+2x+1", but "\sin^2 x+\cos^2 x" is 1
     (x, op), (y, op_b) = _zero_side(*ra), _zero_side(*rb)
-    if op != op_b or x is None or y is None or x.free_symbols != y.free_symbols:
+    if op != op_b or x is None or y is None:
         return False
-    ratios = [u / v for u, v in zip(_values(x), _values(y))]  # the same relation up to a constant factor,
-    positive = op in ("=", "!=") or bool(ratios[0] > 0)  # which must be positive for an inequality
-    return ratios[0] != 0 and positive and all(abs(r - ratios[0]) < 1e-20 for r in ratios)
+    c = _ratio(x, y, key)  # the same relation up to a constant factor, which must be positive for an inequality
+    return c is not None and (op in ("=", "!=") or c.is_positive is True)
+
+def _ratio(x, y, key):
+    """The constant c != 0 with y = c x, or None: "2x+3y-6" and "4x+6y-12" have c = 2."""
+    import sympy
+    c = sympy.cancel(y / x)
+    if c.free_symbols:  # not a constant as written: its value at a point is the only candidate
+        c = c.xreplace(_points(key, sorted(c.free_symbols, key=str), 1)[0])
+    if c == 0 or c.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
+        return None
+    return c if _is_zero(y - c * x, key) else None
 
 def _zero_side(lhs, op, rhs):  # "x > 1" -> (x - 1, ">"), "1 < x" -> (x - 1, ">"): never "<"
     if "<" in op:
@@ -171,91 +199,279 @@ def _zero_side(lhs, op, rhs):  # "x > 1" -> (x - 1, ">"), "1 < x" -> (x - 1, ">"
     return _to_sympy(f"({lhs})-({rhs})"), op
 
 
-# ---- values: LaTeX -> sympy for the common constructs, then numbers ----
-_CMDS = {"\\pi": "pi", "\\infty": "oo", "\\cdot": "*", "\\times": "*", "\\div": "/", "\\ln": "log", "\\arcsin": "asin",
-         "\\arccos": "acos", "\\arctan": "atan", **{f"\\{f}": f for f in "sin cos tan sec csc cot log exp".split()}}
-_TOKEN = re.compile(r"\\[a-zA-Z]+|\\?.")  # a command or one character: "\frac", "\{", "x"
-_SUM = re.compile(r"_\{(\w)=([^{}]+)\}\^(\{[^{}]+\}|\w)(.+)")  # "_{k=0}^{n-1} body"
+# ---- values: LaTeX -> a sympy expression, built by calling sympy's constructors ----
+# Model text is never evaluated: the parser below reads tokens and calls only the functions in _FUNCS
+# and sympy's arithmetic, so no name, attribute or call that the text spells out can be reached.
+_DIGITS = r"\d+(?:\.\d+)?|\.\d+"  # "2", "2.5", ".5"
+_LEX = re.compile(_DIGITS + r"|\\[a-zA-Z]+|\\.|\S")  # tokens: "2.5", "\frac", "\{", "x", "^"
+_CONSTANTS = {"\\pi": "pi", "\\infty": "oo", "e": "E", "i": "I"}
+_FUNCS = {"\\ln": "log", "\\arcsin": "asin", "\\arccos": "acos", "\\arctan": "atan",
+          **{f"\\{f}": f for f in "sin cos tan sec csc cot log exp".split()}}
+_TIMES, _OVER, _BRACKETS = ("*", "\\cdot", "\\times"), ("/", "\\div"), {"(": ")", "[": "]", "{": "}"}
+_MAX_BITS = 1000  # no number in an answer is larger than 2^1000 (~10^301): beyond it, compare the text
 # not parsed, compared as strings: base-n numbers (204_5), times (4:30), words, and what sympy cannot
 # evaluate quickly: towers (9^{9^9}), huge exponents (2^{18374514}) and factorials (99999!)
 _NO_PARSE = re.compile(r"\d_|[:|'\"]|(?<![\\a-zA-Z])[a-zA-Z]{3,}|\^\{[^{}]*\^|\^\(?\{?\d{5,}|\d{5,}!|\d{40,}")
 
-def _latex_to_py(s):
-    """'\\frac{x+1}{2}\\pi' -> '((x+1)/(2)) pi '; raises ValueError on LaTeX it does not know."""
-    out, i = [], 0
-    while i < len(s):
-        tok = _TOKEN.match(s, i)[0]
-        i += len(tok)
-        if tok in ("\\frac", "\\binom"):
-            a, i = _braced(s, i)
-            b, i = _braced(s, i)
-            a, b = _latex_to_py(a), _latex_to_py(b)
-            out.append(f"(({a})/({b}))" if tok == "\\frac" else f"binomial({a},{b})")
-        elif tok == "\\sqrt":
-            root = "2"
-            if s.startswith("[", i):  # "\sqrt[3]{x}"
-                end = s.index("]", i)
-                root, i = s[i + 1 : end], end + 1
-            a, i = _braced(s, i)
-            out.append(f"(({_latex_to_py(a)})**(1/({_latex_to_py(root)})))")
-        elif tok == "\\sum":  # "\sum_{k=0}^{n-1} body" -> "Sum(body,(k,0,n-1))": the body runs to the end
-            if not (m := _SUM.match(s, i)):
-                raise ValueError("unknown \\sum")
-            lo, hi, body = _latex_to_py(m[2]), _latex_to_py(m[3].strip("{}")), _latex_to_py(m[4])
-            return "".join(out) + f"Sum({body},({m[1]},{lo},{hi}))"
-        elif tok == "{":
-            a, i = _braced(s, i - 1)
-            out.append(f"({_latex_to_py(a)})")
-        elif tok == "_":  # a subscript is part of the name: "F_{n-1}" -> "F_nm1"
-            a, i = _braced(s, i) if s.startswith("{", i) else (s[i : i + 1], i + 1)
-            out.append("_" + re.sub(r"\W", "", a.replace("-", "m").replace("+", "p")) + " ")
-        elif tok in _CMDS:
-            out.append(f" {_CMDS[tok]} ")
-        elif tok.startswith("\\") or tok == "}":
-            raise ValueError(f"unknown LaTeX {tok}")
-        else:
-            out.append({"^": "**", "[": "(", "]": ")"}.get(tok, tok))
-    return "".join(out)
 
-@lru_cache(maxsize=None)
-def _sympy_names():  # the only names that parsed text can reach: no builtins
-    import sympy
-    names = ("Symbol Integer Float Rational Function factorial binomial Sum "
-             "asin acos atan sin cos tan sec csc cot log exp pi oo").split()
-    return {**{n: getattr(sympy, n) for n in names}, "e": sympy.E, "i": sympy.I, "__builtins__": {}}
+class _NotAValue(Exception):
+    """The text is not an expression the parser knows, or its numbers are too large: compare it as text."""
+
+
+class _Parser:
+    """Recursive descent over a normalized answer: '2x^2+\\frac{1}{2}' -> 2*x**2 + 1/2.
+
+    Grammar (lowest precedence first): sum = product (('+' | '-') product)*; product = signed
+    (('*' | '/' | nothing) signed)*, nothing being implicit multiplication ('2x', 'x(x+1)');
+    signed = ('-' | '+')* power; power = postfix ('^' exponent)?; postfix = primary '!'*.
+    """
+
+    def __init__(self, text):
+        import sympy
+        self.sp, self.tokens, self.i = sympy, _LEX.findall(text), 0
+
+    def peek(self):
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def take(self, expected=None):
+        token = self.peek()
+        if token is None or (expected is not None and token != expected):
+            raise _NotAValue(f"expected {expected or 'more'}, got {token}")
+        self.i += 1
+        return token
+
+    def parse(self):
+        value = self.sum()
+        if self.peek() is not None:
+            raise _NotAValue(f"unexpected {self.peek()}")
+        return value
+
+    def sum(self):
+        value = self.product()
+        while self.peek() in ("+", "-"):
+            value = value + self.product() if self.take() == "+" else value - self.product()
+        return value
+
+    def starts_primary(self, token):
+        return token is not None and (re.fullmatch(_DIGITS, token) or token.isalpha() or token in _BRACKETS
+                                      or token in _CONSTANTS or token in _FUNCS
+                                      or token in ("\\frac", "\\binom", "\\sqrt", "\\sum"))
+
+    def product(self):
+        value = self.signed()
+        while True:
+            if self.peek() in _TIMES:
+                self.take()
+                value = value * self.signed()
+            elif self.peek() in _OVER:
+                self.take()
+                value = value / self.signed()
+            elif self.starts_primary(self.peek()):  # implicit multiplication: "2x", "x(x+1)", "2\pi"
+                value = value * self.power()
+            else:
+                return value
+
+    def signed(self):
+        if self.peek() in ("-", "+"):
+            return -self.signed() if self.take() == "-" else self.signed()
+        return self.power()
+
+    def power(self):
+        base = self.postfix()
+        if self.peek() != "^":
+            return base
+        self.take()
+        return self.pow(base, self.exponent())
+
+    def exponent(self):  # "x^{n+1}", "x^2", "x^-1", "2^3^2" = 2^(3^2)
+        if self.peek() == "{":
+            return self.group()
+        if self.peek() in ("-", "+"):
+            return -self.exponent() if self.take() == "-" else self.exponent()
+        return self.power()
+
+    def postfix(self):
+        value = self.primary()
+        while self.peek() == "!":
+            self.take()
+            value = self.factorial(value)
+        return value
+
+    def group(self):  # "{...}", "(...)" or "[...]": its content
+        close = _BRACKETS.get(self.take())
+        if close is None:
+            raise _NotAValue("expected a bracket")
+        value = self.sum()
+        self.take(close)
+        return value
+
+    def braced_text(self):  # the raw tokens of a subscript: "_{n-1}" -> "n-1", "_2" -> "2"
+        if self.peek() != "{":
+            return self.take()
+        start, depth = self.i, 0
+        while True:
+            token = self.take()
+            depth += (token == "{") - (token == "}")
+            if depth == 0:
+                return "".join(self.tokens[start + 1:self.i - 1])
+
+    def primary(self):
+        sp, token = self.sp, self.peek()
+        if token is None:
+            raise _NotAValue("expected a value")
+        if token in _BRACKETS:
+            return self.group()
+        self.take()
+        if re.fullmatch(_DIGITS, token):  # "0.25" is exactly 1/4
+            whole, _, places = token.partition(".")
+            return sp.Rational(int(whole or "0") * 10 ** len(places) + int(places or "0"), 10 ** len(places))
+        if token in _CONSTANTS:
+            return getattr(sp, _CONSTANTS[token])
+        if token.isalpha() and len(token) == 1:  # a variable; a subscript is part of its name: "F_{n-1}"
+            if self.peek() == "_":
+                self.take()
+                return sp.Symbol(f"{token}_{self.braced_text()}")
+            return sp.Symbol(token)
+        if token in ("\\frac", "\\binom"):
+            a, b = self.group(), self.group()
+            return a / b if token == "\\frac" else self.binomial(a, b)
+        if token == "\\sqrt":  # "\sqrt{2}", "\sqrt[3]{x}"
+            root = self.group() if self.peek() == "[" else sp.Integer(2)
+            return self.pow(self.group(), 1 / root)
+        if token == "\\sum":  # "\sum_{k=0}^{n-1} body": the body runs to the end of the group
+            self.take("_")
+            self.take("{")
+            k = self.take()
+            if not (k.isalpha() and len(k) == 1):
+                raise _NotAValue("a sum needs a variable")
+            k = sp.Symbol(k)
+            self.take("=")
+            low = self.sum()
+            self.take("}")
+            self.take("^")
+            high = self.exponent()
+            return sp.Sum(self.sum(), (k, low, high))
+        if token in _FUNCS:
+            return self.function(getattr(sp, _FUNCS[token]))
+        raise _NotAValue(f"unknown {token}")
+
+    def function(self, f):  # "\sin x", "\sin(2x)", "\sin^2 x" = (sin x)^2, "\log_2 8" = log(8, 2)
+        power = base = None
+        if self.peek() == "_" and f is self.sp.log:
+            self.take()
+            base = self.group() if self.peek() in _BRACKETS else self.primary()
+        if self.peek() == "^":
+            self.take()
+            power = self.exponent()
+        if self.peek() in _BRACKETS:
+            arg = self.group()
+        else:  # "\sin 2x": the argument is the implicit product that follows
+            arg = self.power()
+            while self.starts_primary(self.peek()) and self.peek() not in _FUNCS:
+                arg = arg * self.power()
+        value = f(arg) if base is None else f(arg, base)
+        return value if power is None else self.pow(value, power)
+
+    # Guards: integers grow fast under powers and factorials; refuse what is larger than any answer.
+    def pow(self, base, exponent):
+        sp = self.sp
+        if base.is_number and exponent.is_Integer and abs(exponent) > 1:
+            bits = max((max(abs(r.p), r.q).bit_length() for r in base.atoms(sp.Rational)), default=1)
+            if abs(exponent) * max(bits, 2) > 2 * _MAX_BITS:
+                raise _NotAValue("too large")
+        return base ** exponent
+
+    def factorial(self, n):  # (the size of the result is checked once the answer is parsed)
+        if n.is_Integer and n > 1000:
+            raise _NotAValue("too large")
+        return self.sp.factorial(n)
+
+    def binomial(self, n, k):
+        if n.is_Integer and k.is_Integer and min(k, n - k) * n.p.bit_length() > _MAX_BITS:
+            raise _NotAValue("too large")
+        return self.sp.binomial(n, k)
+
 
 def _to_sympy(s):
     """A normalized LaTeX value as a sympy expression; None for text, huge numbers or unknown LaTeX."""
-    from sympy.parsing import sympy_parser as sp
+    import sympy
     if len(s) > 300 or _NO_PARSE.search(s):
         return None
     try:
-        py = _latex_to_py(s)
-        py = re.sub(r"(\d*)\.(\d+)", lambda m: f"({int(m[1] + m[2])}/10**{len(m[2])})", py)  # 0.1 = 1/10 exactly
-        if not re.fullmatch(r"[\w\s+\-*/().,!]*", py) or "__" in py:  # only arithmetic reaches parse_expr's eval
-            return None
-        rules = sp.standard_transformations + (sp.implicit_multiplication_application, sp.convert_xor)  # "2x", "x^2"
-        return sp.parse_expr(py, local_dict={}, global_dict=_sympy_names(), transformations=rules)
-    except Exception:
+        value = _Parser(s).parse()
+    except Exception:  # _NotAValue, or sympy refusing what it was given (a recursion too deep, say)
         return None
+    if not isinstance(value, sympy.Expr) or value.has(sympy.zoo, sympy.nan):  # "1/0" is no value
+        return None
+    if any(max(abs(r.p), r.q).bit_length() > _MAX_BITS for r in value.atoms(sympy.Rational)):
+        return None
+    return value
 
-def _tolerance(a, b):  # only a decimal with 6+ places may be a rounded exact value, off by less than its last place
-    places = max((len(d) for d in re.findall(r"\.(\d+)", a + " " + b)), default=0)
-    return Fraction(1, 10**places) if places >= 6 else 0
 
-def _values(e, n=3):  # e at n fixed random points, to 40 digits; a constant is evaluated once
-    rational, rng = _sympy_names()["Rational"], random.Random(0)
-    syms = sorted(e.free_symbols, key=str)
-    points = [{s: rational(rng.randint(10, 99), rng.randint(10, 99)) for s in syms} for _ in range(n if syms else 1)]
-    return [e.evalf(40, subs=p) for p in points]
+# ---- equality: exact where sympy can decide it, else at points an answer cannot be built around ----
+_DECIMAL = re.compile(r"-?\d*\.(\d{6,})")  # a rounded decimal: 0.0833333
 
-def _same_values(x, y, tol):
-    if x == y:
+def _rounding(a, b):
+    """The places of a rounded decimal, which may differ from an exact value by half its last place;
+    0 for none. Only an answer that is itself such a decimal (6+ places) counts: '0.0833333' = 1/12 but
+    '0.333' != 1/3, and a decimal inside a larger answer widens nothing ('5+10^{-7}+0.000000' != 5)."""
+    return max((len(m[1]) for m in (_DECIMAL.fullmatch(a), _DECIMAL.fullmatch(b)) if m), default=0)
+
+def _points(key, symbols, n=4):
+    """n points to evaluate at, drawn from a hash of the two answers: no answer can be built to vanish at
+    them (it would have to know them before it is written). Rationals in (0.1, 10) with a prime
+    denominator over a million, so that sin(k pi x) is not 0 there for any k an answer can write (99!, say)."""
+    import sympy
+    rng = random.Random(hashlib.sha256(key.encode()).digest())
+    points = []
+    for _ in range(n):
+        q = [sympy.nextprime(rng.randrange(10**6, 2 * 10**6)) for _ in symbols]
+        points.append({s: sympy.Rational(rng.randrange(d // 10 + 1, 10 * d), d) for s, d in zip(symbols, q)})
+    return points
+
+def _is_zero(d, key):
+    """Is the expression d identically zero? Exact for rational functions with rational coefficients
+    (a polynomial identity); else zero if simplify says so, or if it is zero at every one of _points(key):
+    evaluated to 15 significant digits with up to 1000 digits of working precision, which tells any
+    nonzero value from 0 when every part of it is of moderate size (_moderate); else not zero."""
+    import sympy
+    from sympy.core.evalf import PrecisionExhausted
+    if d == 0:
         return True
-    if x.free_symbols != y.free_symbols:  # "y^2+2y+1" is not "x^2+2x+1"
+    if d.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
         return False
-    diffs = [(abs(u - v), max(abs(u), abs(v))) for u, v in zip(_values(x), _values(y))]
-    return all(d.is_finite and bool(d <= 1e-25 * scale or d < tol) for d, scale in diffs)  # -oo is not oo
+    symbols = sorted(d.free_symbols, key=str)
+    if all(isinstance(part, (sympy.Add, sympy.Mul, sympy.Symbol, sympy.Rational)) or part.is_Pow and part.exp.is_Integer
+           for part in sympy.preorder_traversal(d)):  # + - * / of variables and rationals, no sqrt(2), pi, sin(x)
+        return sympy.cancel(d) == 0  # decided exactly: "x^2+10^{-30}x" is not "x^2"
+    if sympy.simplify(d) == 0:
+        return True
+    defined = 0
+    for point in _points(key, symbols) if symbols else [{}]:
+        v = d.xreplace(point)
+        if v.has(sympy.zoo, sympy.nan):
+            continue  # undefined at this point (a pole)
+        if not _moderate(v):
+            return False  # cancellation deeper than any working precision could be hidden in it
+        try:
+            v = v.evalf(15, strict=True, maxn=1000)
+        except PrecisionExhausted:  # it cannot be told from 0 with 1000 digits: zero here
+            v = 0
+        if v != 0:
+            return False
+        defined += 1
+    return defined > 0
+
+def _moderate(v):
+    r"""Every part of the number v is 0 or between 10^-100 and 10^100 in size: then its value, if not 0,
+    is at least 10^-1000 relative to its parts, which 1000 digits resolve ("\cos(e^{-e^{10}})" is not 1)."""
+    import sympy
+    for part in sympy.preorder_traversal(v):
+        if part is not v:
+            size = abs(part.evalf(5))
+            if size != 0 and not 1e-100 < size < 1e100:
+                return False
+    return True
 
 
 # ---- the helper process: sympy under a hard time limit that works from any thread ----
@@ -328,7 +544,14 @@ def _kill_helper():  # at exit, so that no helper is left running a hanging comp
 os.register_at_fork(after_in_child=_forget_helper)
 atexit.register(_kill_helper)
 
+_MEMORY_LIMIT = 512 * 2**20  # bytes of address space a helper may take (it needs about 70 MB)
+
 def _serve():  # python grader.py --serve: reads [a, b] JSON lines, answers 1 or 0 for _equiv(a, b)
+    try:  # a runaway answer then fails at once (MemoryError: answered 0) instead of growing until its kill
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (_MEMORY_LIMIT, _MEMORY_LIMIT))
+    except (ImportError, ValueError, OSError):  # no such limit here (Windows): the time limit still holds
+        pass
     _equiv("x+1>=2", "1<=x")  # import and warm up sympy before saying we are ready
     print("ready", flush=True)
     for line in sys.stdin:
@@ -356,7 +579,7 @@ def is_equiv(pred, gold):
             return True
         if _PLAIN.fullmatch(a) and _PLAIN.fullmatch(b) and len(a + b) < 200:  # fast path 2: plain numbers, exactly
             diff = abs(Fraction(a) - Fraction(b))
-            return diff == 0 or diff < _tolerance(a, b)
+            return diff == 0 or (places := _rounding(a, b)) > 0 and diff <= Fraction(1, 2 * 10**places)
         if (a, b) not in _cache:
             if len(_cache) > 100_000:
                 _cache.clear()
@@ -373,7 +596,9 @@ def grade(response, gold, task):
     pred = extract_answer(response, task)
     return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
 
-def _bench(path):  # python grader.py --bench ../shared/data/grader_cases.jsonl
+def _bench(path):  # python grader.py --bench [grader_cases.jsonl]
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found; give a .jsonl of grading cases (pred, gold, kind, extracted)")
     is_equiv("x", "y")  # start the helper outside the timing
     first, again = [], []
     for case in map(json.loads, open(path)):
@@ -388,14 +613,15 @@ def _bench(path):  # python grader.py --bench ../shared/data/grader_cases.jsonl
             times.append(time.perf_counter() - start)
     for label, times in (("first call", first), ("repeated call", again)):
         times.sort()
-        print(f"{label:>13}: median {times[len(times) // 2] * 1e3:.3f} ms, "
-              f"p99 {times[int(len(times) * 0.99)] * 1e3:.3f} ms over {len(times)} cases")
+        print(f"{label:>13}: median {times[len(times) // 2] * 1e3:.3f} ms, p99 {times[int(len(times) * 0.99)] * 1e3:.3f} "
+              f"ms, slowest {times[-1] * 1e3:.1f} ms over {len(times)} cases")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
         _serve()
-    elif len(sys.argv) == 3 and sys.argv[1] == "--bench":
-        _bench(sys.argv[2])
+    elif sys.argv[1:2] == ["--bench"] and len(sys.argv) <= 3:
+        _bench(sys.argv[2] if len(sys.argv) == 3 else
+               os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "grader_cases.jsonl"))
     else:
-        print("usage: python grader.py --bench grader_cases.jsonl")
+        print("usage: python grader.py --bench [grader_cases.jsonl]")

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings, strategies as st
 
 import grader
 from grader import extract_answer, grade, is_equiv
@@ -174,8 +175,126 @@ def test_time_limit_holds_in_worker_threads(grader_helper):
         return time.monotonic() - start
 
     with ThreadPoolExecutor(3) as pool:  # a hanging comparison in each thread: no signal-based alarm can stop these
-        assert max(pool.map(timed, ["(9999!)^{9998!}", "(9998!)^{9999!}", "(9997!)^{9999!}"])) < 2.0
+        assert max(pool.map(timed, [RUNAWAY.replace("+1)", f"+{c})") for c in (1, 2, 3)])) < 2.0
     assert is_equiv("\\frac{1}{2}", "0.5")  # and the helper was replaced by a working one
+
+
+# Each of these is wrong and must grade 0; the test's name says why (found by a security review, and after).
+WRONG_ANSWERS = [
+    (r"\frac{3}{4}.q", "4", "an attribute after a value"),
+    (r"\frac{3}{4}.q", "0", "a lone dot is not a number"),
+    (r"(x^2)._{\eval_\power}(3)", "x^6", "a subscript that spells a method name"),
+    (r"x^2+(x-\frac{59}{63})(x-\frac{15}{43})(x-\frac{25}{24})", "x^2", "a polynomial that vanishes at the old fixed points"),
+    (r"x^2+10^{-30}x", "x^2", "a tiny added term"),
+    (r"x^{2}+\frac{1}{10^{300}}", "x^2", "a tinier added constant"),
+    (r"5+\frac{1}{10^{7}}+0.000000", "5", "a six-place decimal elsewhere widens nothing"),
+    ("0.3333334", r"\frac{1}{3}", "a decimal more than half its last place away"),
+    (r"\pi", "3.141592", "pi truncated is not pi rounded"),
+    (r"(7).is_{\prime}", "1", "a boolean is not a number"),
+    ("1=1", "1", "a true relation is not 1"),
+    (r"12 \text{ or ten}", "12", "a hedge is not a unit"),
+    (r"5 \text{ or more}", "5", "a qualifier is not a unit"),
+    ("4 x y", "4", "single letters after a number are variables not units"),
+    (r"x^2+\sin(99!\pi x)", "x^2", "a term that vanishes at every small denominator"),
+    (r"\sqrt{10^{200}+1}-10^{100}", "0", "a difference of a hundred digits"),
+    (r"\cos(\exp(-\exp(10)))", "1", "a difference below any working precision"),
+    (r"\frac{1}{0}", r"\frac{2}{0}", "division by zero is no value"),
+    (r"\infty+1", r"\infty", "infinity plus one is compared as text"),
+    ("y^2+2y+1", "x^2+2x+1", "another variable"),
+    ("x>1", "-2x>-2", "a relation times a negative factor flips"),
+]
+
+
+@pytest.mark.parametrize("pred, gold", [c[:2] for c in WRONG_ANSWERS], ids=[c[2].replace(" ", "_") for c in WRONG_ANSWERS])
+def test_wrong_answer_grades_wrong(grader_helper, pred, gold):
+    assert not is_equiv(pred, gold)
+    assert not is_equiv(gold, pred)
+    assert grade(f"so the answer is $\\boxed{{{pred}}}$", gold, "math") == 0.0
+
+
+def test_a_malformed_thousands_separator_is_not_a_number(grader_helper):
+    for gold in ("2125", "2,125", "1255", "2", "125"):
+        assert grade("so she has\n#### 2,1255", gold, "gsm8k") == 0.0
+        assert grade("the answer is 2,1255", gold, "gsm8k") == 0.0
+    assert grade("#### 2,125", "2125", "gsm8k") == 1.0 and grade("#### 1,450,000.", "1450000", "gsm8k") == 1.0
+
+
+def test_the_method_spelled_in_a_box_scores_0(grader_helper):
+    assert grade(r"... \boxed{(x^2)._{\eval_\power}(3)}", "x^6", "math") == 0.0
+
+
+def test_nothing_reaches_eval_or_exec(monkeypatch):
+    import builtins
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the grader called eval or exec")
+    cases = [("(x+1)^2", "x^2+2x+1", True), (r"\sin^2x+\cos^2x", "1", True), ("2x+3y=6", "4x+6y=12", True),
+             (r"\frac{3}{4}.q", "4", False), (r"(7).is_{\prime}", "1", False), ("x(x+1)", "x^2+x", True)]
+    # in this process, not the helper: _equiv is what the helper runs on each normalized pair
+    equiv = lambda pred, gold: grader._equiv(grader._normalize(pred), grader._normalize(gold))
+    assert [equiv(p, g) for p, g, _ in cases] == [e for _, _, e in cases]  # sympy's modules are imported now
+    monkeypatch.setattr(builtins, "eval", refuse)
+    monkeypatch.setattr(builtins, "exec", refuse)
+    assert [equiv(p, g) for p, g, _ in cases] == [e for _, _, e in cases]
+
+
+def test_identities_that_only_simplify_or_numbers_prove_grade_right(grader_helper):
+    for pred, gold in [(r"\sin^2 x+\cos^2 x", "1"), (r"\sqrt{3+2\sqrt{2}}", r"1+\sqrt{2}"), (r"e^{i\pi}", "-1"),
+                       (r"\sum_{k=1}^{10} k", "55"), (r"\log_{2}8", "3"), (r"\tan(\frac{\pi}{4})", "1"),
+                       (r"\frac{\sqrt{6}}{2}", r"\sqrt{\frac{3}{2}}"), ("x(x+1)", "x^2+x"), ("0.6666667", r"\frac{2}{3}")]:
+        assert is_equiv(pred, gold), (pred, gold)
+
+
+@st.composite
+def gold_expressions(draw):
+    """A nonzero expression in x, in sympy: sums and products of small rationals, x, sqrt(2), sqrt(3), pi."""
+    import sympy
+    x = sympy.Symbol("x")
+    atom = st.sampled_from([x, x, sympy.sqrt(2), sympy.sqrt(3), sympy.pi]) | st.builds(
+        sympy.Rational, st.integers(-9, 9), st.integers(1, 9))
+    e = draw(atom)
+    for op, b in draw(st.lists(st.tuples(st.sampled_from("+-*/^"), atom), min_size=1, max_size=4)):
+        if op == "/" and b == 0:
+            continue
+        e = {"+": e + b, "-": e - b, "*": e * b, "/": e / (b or 1), "^": e ** 2}[op]
+    assume(e != 0 and e.is_finite is not False)
+    return e
+
+
+@settings(max_examples=60, deadline=None)
+@given(gold_expressions(), st.integers(1, 40), st.integers(0, 2), st.fractions(-5, 5))
+def test_a_perturbed_answer_never_grades_equal_and_a_rewritten_one_always_does(grader_helper, e, places, power, factor):
+    import sympy
+    x, gold = sympy.Symbol("x"), sympy.latex(e)
+    small = sympy.Rational(1, 10**places) * x**power
+    wrong = [e + small, e - small, e * (1 + sympy.Rational(1, 10**places))]
+    if factor != 1:
+        wrong.append(e * sympy.Rational(factor.numerator, factor.denominator))
+    for w in wrong:
+        assert not is_equiv(sympy.latex(w), gold), (sympy.latex(w), gold)
+    for same in (sympy.expand(e), sympy.factor(e), sympy.together(e)):  # the same value, written otherwise
+        assert is_equiv(sympy.latex(same), gold), (sympy.latex(same), gold)
+    assert is_equiv(f"\\frac{{2\\left({gold}\\right)}}{{2}}", gold)
+
+
+RUNAWAY = "(x+y+z+w+1)^{200}"  # expanding it takes gigabytes and minutes
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the helper's peak memory from /proc (Linux)")
+def test_the_helper_caps_its_memory_on_a_runaway_answer():
+    helper = grader._start_helper()  # its own helper, with all the time it wants: only the memory cap can stop it
+    try:
+        assert grader._read_line(helper, time.monotonic() + 60) == "ready"
+        helper.stdin.write(json.dumps([RUNAWAY, "x+y+z+w"]).encode() + b"\n")
+        helper.stdin.flush()
+        assert grader._read_line(helper, time.monotonic() + 120) == "0"  # MemoryError: answered, not killed
+        peak_kb = next(int(line.split()[1]) for line in open(f"/proc/{helper.pid}/status") if line.startswith("VmPeak"))
+        assert 200 * 1024 < peak_kb <= grader._MEMORY_LIMIT // 1024  # it did run away, up to the cap and no further
+        helper.stdin.write(json.dumps(["(x+1)^2", "x^2+2x+1"]).encode() + b"\n")
+        helper.stdin.flush()
+        assert grader._read_line(helper, time.monotonic() + 10) == "1"  # and it still answers
+    finally:
+        grader._stop(helper)
 
 
 # ---- vineppo: reasoning steps ----
@@ -1287,7 +1406,7 @@ def test_the_standby_grader_helper_answers_right_after_an_overrun(grader_helper,
     slow_python.write_text(f"#!/bin/sh\nsleep 2.5\nexec {__import__('sys').executable} \"$@\"\n")
     slow_python.chmod(0o755)
     monkeypatch.setattr(grader.sys, "executable", str(slow_python))
-    assert not is_equiv("(9999!)^{9998!}", "1")  # overruns: the helper is replaced
+    assert not is_equiv(RUNAWAY, "x+y+z+w")  # overruns: the helper is replaced
     start = time.monotonic()
     assert is_equiv("(x+1)^2", "x^2+2x+1")  # needs sympy: answered by the standby, not by a start-up
     assert time.monotonic() - start < 2.0
@@ -1367,7 +1486,6 @@ def test_two_iteration_toy_run_with_the_vllm_engine(tmp_path):
 
 
 # ---- MATH reasoning steps: the authors' LaTeX-aware splitter (SPEC section 4) ----
-from hypothesis import given, settings, strategies as st
 
 
 @pytest.mark.parametrize("text, steps", [

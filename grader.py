@@ -8,12 +8,13 @@ factor (x > 1 = 1 < x); and values whose difference is zero (x(x+1) = x^2+x, \\s
 The grader is the reward an RL policy optimises, so every answer is treated as adversarial input:
 - Model text is never evaluated. _Parser reads LaTeX token by token and builds the sympy expression by
   calling sympy's constructors; no name, attribute or call that the text spells out can be reached.
-- No wrong answer may score 1. A difference of + - * / over variables and rationals is decided exactly
-  (a polynomial identity); anything else is zero if sympy simplifies it to 0, or if it is zero at four
-  points drawn from a hash of the pair (no answer can be built to vanish there), to 15 significant digits.
-  Only an answer that is itself a decimal with 6+ places may differ from an exact value, by half its last
-  place (0.0833333333333333 = 1/12, 0.333 != 1/3); booleans are no numbers; "2,1255" is not a number;
-  words that join answers ("12 or 13") are never dropped as units.
+- No wrong answer may score 1: two values are equal only when their difference is proven zero (exactly
+  for rational functions and algebraic numbers, else by sympy's simplify). Numbers only refute: the
+  difference is evaluated at points drawn from a hash of the pair (no answer can be built to vanish
+  there), and a value that is not 0 settles it fast. Only an answer that is itself a decimal with 6+
+  places may differ from an exact value, by half its last place (0.0833333333333333 = 1/12, 0.333 !=
+  1/3); booleans are no numbers; "2,1255" is not a number; words that join or qualify answers ("12 or
+  13") are never dropped as units; two letters are a word ("no" is not "on").
 - Bounded time and memory: numbers beyond 2^1000 are compared as text; sympy runs in a helper process
   (`python grader.py --serve`) capped at 512 MB and killed after 1.5 s, then replaced by a second one kept
   started and standing by. Every call returns within 2 s, from any thread, and never raises.
@@ -68,7 +69,8 @@ def extract_answer(text, task):
 
 # ---- normalization: each rule is (pattern, replacement), applied in this order ----
 # words that join or qualify answers, never units: "12 or 13", "5 at least" are not "12", "5"
-_HEDGES = "or|and|nor|not|but|than|to|plus|minus|times|either|neither|except|less|more|least|most|about|if|is|are"
+_HEDGES = ("(?i:or|and|nor|not|but|than|to|plus|minus|times|either|neither|except|less|more|least|most|about|if|is|"
+           "are|maybe|perhaps|possibly|probably|alternatively|otherwise|else|approximately|roughly|around|nearly)")
 _LHS = r"^ ?(?:[a-zA-Z](?:_\{?\w+\}?)?|\([a-zA-Z, ]+\)) ?=(?!=) ?"  # "x = ", "F_n = ", "(p,q) = "
 _RULES = [(re.compile(p), r) for p, r in [
     (r"\s+", " "),                                         # spaces: "a \n b" -> "a b"
@@ -78,7 +80,7 @@ _RULES = [(re.compile(p), r) for p, r in [
     (r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|operatorname)\{([^{}]*)\}", r"\1"),  # "\text{cm}" -> "cm"
     (r"\^\{?\\circ\}?|\\circ|\\degree|°", ""),            # degrees: "90^\circ" -> "90"
     (r"\\?[%$]", ""),                                      # percent, dollars: "28\%", "\$10" -> "28", "10"
-    (r"\s*,?\s*\band\b\s*", ","),                          # "and" lists: "6 and 8", "1, 2, and 3" -> "6,8", "1, 2,3"
+    (r"\s*,?\s*\b(?:and|or)\b\s*", ","),                   # lists: "6 and 8", "2 or 3", "1, 2, and 3" -> "6,8", "2,3", "1, 2,3"
     (r"(?<=[\d})\]])\s+(?!.*\b(?:" + _HEDGES + r")\b)(?=.*[a-zA-Z][a-zA-Z.])[a-zA-Z][a-zA-Z. ]+(?:\^\d)?$",
      ""),                                                  # units: "15 cm^2", "4:30 p.m." -> "15", "4:30"; not "4 x y"
     (r"^ ?-?\d{1,3}(?:,\d{3})+(?:\.\d+)? ?$", lambda m: m[0].replace(",", "")),  # thousands: "7,425,000" -> "7425000"
@@ -178,8 +180,8 @@ def _scalar_equiv(a, b):
             return not d.free_symbols and bool(abs(d.evalf(30)) <= sympy.Rational(1, 2 * 10**places))
         return _is_zero(x - y, key)  # "y^2+2y+1" is not "x^2+2x+1", but "\sin^2 x+\cos^2 x" is 1
     (x, op), (y, op_b) = _zero_side(*ra), _zero_side(*rb)
-    if op != op_b or x is None or y is None:
-        return False
+    if op != op_b or x is None or y is None or not x.free_symbols:  # "2>1" is not "3>1": no relation of constants
+        return a == b
     c = _ratio(x, y, key)  # the same relation up to a constant factor, which must be positive for an inequality
     return c is not None and (op in ("=", "!=") or c.is_positive is True)
 
@@ -209,9 +211,9 @@ _FUNCS = {"\\ln": "log", "\\arcsin": "asin", "\\arccos": "acos", "\\arctan": "at
           **{f"\\{f}": f for f in "sin cos tan sec csc cot log exp".split()}}
 _TIMES, _OVER, _BRACKETS = ("*", "\\cdot", "\\times"), ("/", "\\div"), {"(": ")", "[": "]", "{": "}"}
 _MAX_BITS = 1000  # no number in an answer is larger than 2^1000 (~10^301): beyond it, compare the text
-# not parsed, compared as strings: base-n numbers (204_5), times (4:30), words, and what sympy cannot
+# not parsed, compared as strings: base-n numbers (204_5), times (4:30), words ("no" is not "on"), and what sympy cannot
 # evaluate quickly: towers (9^{9^9}), huge exponents (2^{18374514}) and factorials (99999!)
-_NO_PARSE = re.compile(r"\d_|[:|'\"]|(?<![\\a-zA-Z])[a-zA-Z]{3,}|\^\{[^{}]*\^|\^\(?\{?\d{5,}|\d{5,}!|\d{40,}")
+_NO_PARSE = re.compile(r"\d_|[:|'\"]|(?<![\\a-zA-Z])[a-zA-Z]{2,}|\^\{[^{}]*\^|\^\(?\{?\d{5,}|\d{5,}!|\d{40,}")
 
 
 class _NotAValue(Exception):
@@ -335,9 +337,11 @@ class _Parser:
         if token in ("\\frac", "\\binom"):
             a, b = self.group(), self.group()
             return a / b if token == "\\frac" else self.binomial(a, b)
-        if token == "\\sqrt":  # "\sqrt{2}", "\sqrt[3]{x}"
+        if token == "\\sqrt":  # "\sqrt{2}", "\sqrt[3]{x}"; the cube root of -8 is -2
             root = self.group() if self.peek() == "[" else sp.Integer(2)
-            return self.pow(self.group(), 1 / root)
+            a = self.group()
+            odd = root.is_Integer and root % 2 == 1 and a.is_number and a.is_negative
+            return -self.pow(-a, 1 / root) if odd else self.pow(a, 1 / root)
         if token == "\\sum":  # "\sum_{k=0}^{n-1} body": the body runs to the end of the group
             self.take("_")
             self.take("{")
@@ -430,10 +434,10 @@ def _points(key, symbols, n=4):
     return points
 
 def _is_zero(d, key):
-    """Is the expression d identically zero? Exact for rational functions with rational coefficients
-    (a polynomial identity); else zero if simplify says so, or if it is zero at every one of _points(key):
-    evaluated to 15 significant digits with up to 1000 digits of working precision, which tells any
-    nonzero value from 0 when every part of it is of moderate size (_moderate); else not zero."""
+    """Is the expression d identically zero? Only a proof says yes: d is 0 as sympy builds it; a rational
+    function with rational coefficients cancels to 0 (a polynomial identity); an algebraic number has the
+    minimal polynomial x; or sympy simplifies d to 0. Numbers only say no, and say it first (fast): d is
+    evaluated at _points(key) to 15 significant digits, and a value that is not 0 proves d is not zero."""
     import sympy
     from sympy.core.evalf import PrecisionExhausted
     if d == 0:
@@ -441,37 +445,23 @@ def _is_zero(d, key):
     if d.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
         return False
     symbols = sorted(d.free_symbols, key=str)
-    if all(isinstance(part, (sympy.Add, sympy.Mul, sympy.Symbol, sympy.Rational)) or part.is_Pow and part.exp.is_Integer
-           for part in sympy.preorder_traversal(d)):  # + - * / of variables and rationals, no sqrt(2), pi, sin(x)
+    parts = list(sympy.preorder_traversal(d))
+    if all(isinstance(p, (sympy.Add, sympy.Mul, sympy.Symbol, sympy.Rational)) or p.is_Pow and p.exp.is_Integer
+           for p in parts):  # + - * / of variables and rationals, no sqrt(2), pi, sin(x)
         return sympy.cancel(d) == 0  # decided exactly: "x^2+10^{-30}x" is not "x^2"
-    if sympy.simplify(d) == 0:
-        return True
-    defined = 0
     for point in _points(key, symbols) if symbols else [{}]:
         v = d.xreplace(point)
         if v.has(sympy.zoo, sympy.nan):
             continue  # undefined at this point (a pole)
-        if not _moderate(v):
-            return False  # cancellation deeper than any working precision could be hidden in it
         try:
-            v = v.evalf(15, strict=True, maxn=1000)
-        except PrecisionExhausted:  # it cannot be told from 0 with 1000 digits: zero here
-            v = 0
-        if v != 0:
-            return False
-        defined += 1
-    return defined > 0
-
-def _moderate(v):
-    r"""Every part of the number v is 0 or between 10^-100 and 10^100 in size: then its value, if not 0,
-    is at least 10^-1000 relative to its parts, which 1000 digits resolve ("\cos(e^{-e^{10}})" is not 1)."""
-    import sympy
-    for part in sympy.preorder_traversal(v):
-        if part is not v:
-            size = abs(part.evalf(5))
-            if size != 0 and not 1e-100 < size < 1e100:
-                return False
-    return True
+            if v.evalf(15, strict=True, maxn=200) != 0:
+                return False  # not zero here: another answer
+        except PrecisionExhausted:  # too close to 0 to tell here: a proof must decide
+            pass
+    if not symbols and all(p.is_Rational or p.is_Add or p.is_Mul or p is sympy.I or p.is_Pow and p.exp.is_Rational
+                           for p in parts):  # an algebraic number: sqrt(3+2sqrt(2)) - 1 - sqrt(2)
+        return sympy.minimal_polynomial(d, sympy.Dummy("x")).is_Symbol
+    return sympy.simplify(d) == 0
 
 
 # ---- the helper process: sympy under a hard time limit that works from any thread ----
@@ -581,7 +571,7 @@ def is_equiv(pred, gold):
             diff = abs(Fraction(a) - Fraction(b))
             return diff == 0 or (places := _rounding(a, b)) > 0 and diff <= Fraction(1, 2 * 10**places)
         if (a, b) not in _cache:
-            if len(_cache) > 100_000:
+            if len(_cache) > 20_000:  # at most ~40 MB of answer pairs
                 _cache.clear()
             answer = _ask_helper(a, b, deadline)
             if answer is None:  # the helper was busy or still starting: no answer to remember

@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import functools
 import importlib.util
 import json
 import random
@@ -202,6 +203,14 @@ WRONG_ANSWERS = [
     (r"\infty+1", r"\infty", "infinity plus one is compared as text"),
     ("y^2+2y+1", "x^2+2x+1", "another variable"),
     ("x>1", "-2x>-2", "a relation times a negative factor flips"),
+    (r"\pi(10^{80}(\sqrt{2}+\sqrt{3})^2-10^{80}(5+2\sqrt{6}))", "42", "an exact zero too big to evaluate is no wildcard"),
+    (r"\pi(10^{80}\sin^2(1)+10^{80}\cos^2(1)-10^{80})", r"\frac{14}{3}", "another zero that numbers cannot resolve"),
+    (functools.reduce(lambda y, _: f"({y})(2-{y})", range(3), r"\cos(10^{-99})"), "1", "1 minus 10^-1587 is not 1"),
+    (r"\sqrt{x^2}", "x", "the root of a square is not the variable for negative x"),
+    ("on", "no", "letters of a word do not commute"),
+    ("2>1", "3>1", "relations between numbers are compared as written"),
+    ("5 alternatively six", "5", "a hedge the list does not name is still no unit"),
+    ("5 OR six", "5", "hedges in capitals"),
 ]
 
 
@@ -241,7 +250,9 @@ def test_nothing_reaches_eval_or_exec(monkeypatch):
 def test_identities_that_only_simplify_or_numbers_prove_grade_right(grader_helper):
     for pred, gold in [(r"\sin^2 x+\cos^2 x", "1"), (r"\sqrt{3+2\sqrt{2}}", r"1+\sqrt{2}"), (r"e^{i\pi}", "-1"),
                        (r"\sum_{k=1}^{10} k", "55"), (r"\log_{2}8", "3"), (r"\tan(\frac{\pi}{4})", "1"),
-                       (r"\frac{\sqrt{6}}{2}", r"\sqrt{\frac{3}{2}}"), ("x(x+1)", "x^2+x"), ("0.6666667", r"\frac{2}{3}")]:
+                       (r"\frac{\sqrt{6}}{2}", r"\sqrt{\frac{3}{2}}"), ("x(x+1)", "x^2+x"), ("0.6666667", r"\frac{2}{3}"),
+                       (r"\sqrt{5+2\sqrt{6}}", r"\sqrt{2}+\sqrt{3}"), (r"\sqrt[3]{-8}", "-2"),
+                       (r"x=2 \text{ or } x=3", "2, 3"), (r"\sin(x)^2", r"\frac{1-\cos(2x)}{2}")]:
         assert is_equiv(pred, gold), (pred, gold)
 
 

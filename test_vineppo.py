@@ -788,6 +788,21 @@ def test_grpo_advantages_hand_computed():
     assert group[0].baseline == 0.5 and group[0].values is None  # the group mean is its baseline, no values
 
 
+def test_rloo_advantages_hand_computed():
+    # rewards 1, 0, 0, 1: the others' mean is 1/3 for a right one, 2/3 for a wrong one
+    group = [make_stub_episode([1], ["ab", "c"], r) for r in (1.0, 0.0, 0.0, 1.0)]
+    right = [make_stub_episode([2], ["abc"], 1.0) for _ in range(3)]
+    pair = [make_stub_episode([3], ["a", "b"], r) for r in (1.0, 0.0)]
+    for episodes, k in ((group, 4), (right, 3), (pair, 2)):
+        vineppo.rloo_advantages(episodes, group_size=k)
+    assert group[0].advantages == pytest.approx([2 / 3] * 3) and group[0].baseline == pytest.approx(1 / 3)
+    assert group[1].advantages == pytest.approx([-2 / 3] * 3) and group[1].baseline == pytest.approx(2 / 3)
+    assert group[3].advantages == group[0].advantages and group[0].values is None
+    assert right[0].advantages == [0.0, 0.0, 0.0]  # all right: nothing to learn
+    assert pair[0].advantages == [1.0, 1.0] and pair[1].advantages == [-1.0, -1.0]  # the other one is the baseline
+    assert sum(e.advantages[0] for e in group) == pytest.approx(0.0)  # k / (k-1) times GRPO's centring
+
+
 def test_grpo_advantages_are_not_whitened_again(tiny_model, char_tokenizer):
     """GRPO's update uses the group-normalised advantages as they are; vineppo and ppo whiten per mini-batch."""
     tok, seen = char_tokenizer, {}
@@ -950,6 +965,7 @@ def test_bad_flags_are_refused(argv, message, capsys):
     (["--warmup-ratio", "1"], "argument --warmup-ratio: must be in [0, 1)"),
     (["--data-file", "x.jsonl"], "--data-file and --eval-data-file need --dataset gsm8k"),
     (["--algo", "grpo", "--samples-per-prompt", "1"], "--algo grpo needs --samples-per-prompt 2 or more"),
+    (["--algo", "rloo", "--samples-per-prompt", "1"], "--algo rloo needs --samples-per-prompt 2 or more"),
     (["--toy-sft-steps", "0"], "argument --toy-sft-steps: must be at least 1"),
     (["--device", "tpu"], "unknown --device 'tpu'"),
 ])
@@ -1263,17 +1279,18 @@ def test_two_iteration_ppo_run_writes_outputs_and_a_loadable_critic(tmp_path, to
     assert credit.count("## iteration") == 2 and "V=" in credit and "A=" in credit
 
 
-def test_two_iteration_grpo_run_samples_no_vine_and_trains(tmp_path, toy_run):
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_two_iteration_group_baseline_run_samples_no_vine_and_trains(tmp_path, toy_run, algo):
     root, _ = toy_run
-    out = tmp_path / "grpo"
-    run_main(TINY_RUN + ["--algo", "grpo", "--output-dir", str(out), "--toy-cache-dir", str(root / "cache")])
+    out = tmp_path / algo
+    run_main(TINY_RUN + ["--algo", algo, "--output-dir", str(out), "--toy-cache-dir", str(root / "cache")])
     metrics = read_metrics(out)
     assert [m["iteration"] for m in metrics] == [0, 1, 2]
     for m in metrics[:2]:
         assert CONTRACT_KEYS <= m.keys() and "tokens/vine" not in m and "credit/vine_states" not in m
         assert m["update/optimizer_steps"] == 4  # 4 episodes in mini-batches of 2, 2 epochs
     assert not (out / "final" / "critic").exists()
-    assert "## iteration 0 (grpo)" in (out / "credit.md").read_text()
+    assert f"## iteration 0 ({algo})" in (out / "credit.md").read_text()
 
 
 def test_gsm8k_from_a_local_data_file(tmp_path, tiny_model_dir):
@@ -1885,3 +1902,43 @@ def test_two_ranks_with_an_engine_each_sample_differently_and_take_the_pushed_we
     ranks = json.loads((tmp_path / "out.json").read_text())
     assert [r["greedy"] for r in ranks] == [True, True]  # greedy = HF's with the pushed weights, on every rank
     assert ranks[0]["sampled"] != ranks[1]["sampled"]  # each rank's engine has its own seed
+
+
+# ------------------------------------------------------------------------------------------------
+# Part C: `python vineppo.py lesson`
+
+LESSON_HEADINGS = ["1. Sample", "2. The vine (Eq. 5)", "3. Advantages (Eq. 6)", "4. Whitening", "5. The PPO update",
+                   "6. What a full run does next"]
+
+
+def test_the_lesson_runs_through_its_screens_and_prints_the_algorithm_s_own_numbers(tmp_path, capsys):
+    vineppo.main(["lesson", "--toy-sft-steps", "3", "--toy-cache-dir", str(tmp_path)])  # stdin: no terminal
+    out = capsys.readouterr().out
+    where = [out.index(h) for h in LESSON_HEADINGS]
+    assert where == sorted(where)  # every screen, in order
+    vine = out[where[1]:where[2]]
+    values = [(int(a), int(k), float(v)) for a, k, v in re.findall(r"V\(s_\d+\) = (\d+)/(\d+) = ([\d.]+)", vine)]
+    assert values and all(k == 9 and abs(a / k - v) < 1e-3 for a, k, v in values)  # multiples of 1/K
+    reward_of_shown = float(re.search(r"best \(R = (\d)\)", vine)[1])
+    printed = [float(a) for a in re.findall(r"A = ([+-][\d.]+)", out[where[2]:where[3]])]
+    expected = step_advantages([a / k for a, k, _ in values] + [0.0], reward_of_shown)
+    assert printed == pytest.approx(expected, abs=1e-3)  # the advantages are step_advantages of those values
+    assert re.search(r"P = [\d.]+ -> [\d.]+ \((up|down)\)", out[where[4]:where[5]])
+
+
+def test_the_lesson_refuses_a_problem_that_is_not_a_toy_one(capsys):
+    with pytest.raises(SystemExit):
+        vineppo.main(["lesson", "--problem", "What is 2+2?"])
+    assert "--problem must look like" in capsys.readouterr().err
+
+
+def test_the_lesson_s_step_probabilities_are_real_log_probs_that_an_update_moves(tiny_model, char_tokenizer):
+    tok, policy = char_tokenizer, copy.deepcopy(tiny_model)
+    ep = make_episode(tok("Q:").input_ids, tok("\n1+1=2\n2+1=4\n").input_ids + [tok.eos_token_id], "3", "gsm8k", tok)
+    ep.values = [0.5, 1.0, 0.0, 0.0]  # step 0 raised the value, step 1 lost it all
+    ep.advantages = token_advantages(ep)
+    before = vineppo.step_logprobs(policy, ep, 1.0)
+    assert before[0] == pytest.approx(step_logprob(policy, ep, 0)) and before[1] == pytest.approx(step_logprob(policy, ep, 1))
+    update_once(policy, [ep])
+    after = vineppo.step_logprobs(policy, ep, 1.0)
+    assert after[1] < before[1] and after[0] > before[0]  # the blamed step down, the good one up

@@ -9,7 +9,7 @@ of a value network's guess, and a step's advantage is the change in value it cau
     python vineppo.py                        # the toy task: a tiny model on a laptop CPU, minutes
     python vineppo.py --dataset gsm8k        # Rho-1.1B SFT on GSM8K, the paper's settings, one GPU
     python vineppo.py --dataset math         # ... on MATH (the PRM800K split, tested on MATH-500)
-    python vineppo.py --algo ppo             # the baselines: PPO's value network, or --algo grpo
+    python vineppo.py --algo ppo             # the baselines: PPO's value network, grpo, rloo
     python vineppo.py --resume               # continue the run in --output-dir from its checkpoint
     python vineppo.py plot runs/arith-*      # accuracy against iterations and time, over seeds
     python vineppo.py credit runs/arith-ppo  # V(s_t) along one response: vine, critic, ground truth
@@ -23,7 +23,8 @@ Contents: the paper (v2) -> where it is here.
     Eq. 6, A_MC(s_t, a_t) = r_t + V_MC(s_{t+1}) - V_MC(s_t) ... step_advantages, whiten
     section 3 and Table 1, PPO's clipped loss, the KL ....... ppo_loss
     Table 1, epochs, mini-batches, AdamW and its schedule .... train_on_episodes, warmup_decay
-  Part B, the baselines: PPO's critic and GAE (section 3, Eq. 4), GRPO .. critic_credit, grpo_credit
+  Part B, the baselines: PPO's critic and GAE (section 3, Eq. 4); GRPO, RLOO ..... critic_credit,
+    group_credit
   Part C, the machinery: flags (Args), data, the toy task, models, the samplers, the MATH splitter
     (Appendix B), evaluation (section 5), the run loop, checkpoints, the value analysis (section 7),
     plots and the credit picture (Figure 1), main.
@@ -43,6 +44,7 @@ import random
 import re
 import shutil
 import sys
+import textwrap
 import time
 import warnings
 from bisect import bisect_left, bisect_right
@@ -393,7 +395,7 @@ def minibatch_loss(policy, critic, minibatch, args, spare):
     some = minibatch or [spare]  # a rank may hold none of a mini-batch
     mask = pad_episodes(some, device=device)[2] * bool(minibatch)  # [minibatch, seq-1]
     advantages = response_tensor(some, "advantages", mask.shape[1]).to(device)
-    if args.algo in ("vineppo", "ppo"):  # the group baselines are normalised within their group
+    if args.algo in ("vineppo", "ppo"):  # GRPO and RLOO take their group's advantages as they are
         advantages = whiten(advantages, mask)
     num_tokens, num_responses = global_sum(mask.sum()).clamp(min=1), global_sum(len(minibatch))
     micro = chunks(minibatch, args.micro_batch_size)
@@ -518,13 +520,15 @@ def critic_credit(episodes, run):
                                                             torch.ones_like(values))}
 
 
-def grpo_credit(episodes, run):
-    """--algo grpo: each response's reward normalised within its group."""
-    grpo_advantages(episodes, run.args.samples_per_prompt)
+def group_credit(episodes, run):
+    """--algo grpo and rloo: each response's reward against its group's, on all of its tokens."""
+    advantages = grpo_advantages if run.args.algo == "grpo" else rloo_advantages
+    advantages(episodes, run.args.samples_per_prompt)
     return {}
 
 
-BASELINES = {"ppo": critic_credit, "grpo": grpo_credit}  # --algo vineppo: in rl_iteration (Part A)
+# --algo vineppo: in rl_iteration (Part A)
+BASELINES = {"ppo": critic_credit, "grpo": group_credit, "rloo": group_credit}
 
 
 class Critic(torch.nn.Module):
@@ -692,6 +696,19 @@ def grpo_advantages(episodes, group_size, eps=1e-4):
             e.advantages = [(e.reward - mean) / (std + eps)] * len(e.response_ids)
 
 
+def rloo_advantages(episodes, group_size):
+    """RLOO (Ahmadian et al. 2024, "Back to Basics", arXiv 2402.14740, section 3.3): A_i = r_i - the
+    mean reward of the OTHER k - 1 responses to the same prompt, on every token of response i.
+
+    Leaving the response out makes the baseline independent of it (an unbiased policy gradient), and
+    nothing is divided by a spread; the rest is GRPO's: one number for the whole response."""
+    for group in chunks(episodes, group_size):
+        total, k = sum(e.reward for e in group), len(group)
+        for e in group:
+            e.baseline = (total - e.reward) / (k - 1) if k > 1 else 0.0
+            e.advantages = [e.reward - e.baseline] * len(e.response_ids)
+
+
 # ============================================================================================
 # Part C. The machinery: flags, data, the toy task, models, the samplers, the MATH splitter,
 # evaluation, the run loop, checkpoints, the value analysis, plots and main.
@@ -701,7 +718,7 @@ def grpo_advantages(episodes, group_size, eps=1e-4):
 
 AT_LEAST_1, AT_LEAST_0 = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0 or more")
 POSITIVE, FRACTION = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v <= 1, "in [0, 1]")
-DATASETS, ALGOS = ("arith", "gsm8k", "math"), ("vineppo", "ppo", "grpo")
+DATASETS, ALGOS = ("arith", "gsm8k", "math"), ("vineppo", "ppo", "grpo", "rloo")
 ENGINES = ("auto", "hf", "vllm")
 
 
@@ -722,7 +739,8 @@ class Args:
     model: str = arg(None, "a causal LM: hub id or local directory (default: per data set, see "
                            "PRESETS; arith builds its own)")
     algo: str = arg("vineppo", "vineppo (Monte Carlo values) | ppo (a value network and GAE, the "
-                               "paper's baseline) | grpo (the group-normalised reward, no values)",
+                               "paper's baseline) | grpo (the group-normalised reward) | rloo "
+                               "(the reward minus the others' mean); the last two have no values",
                     choices=ALGOS)
     engine: str = arg("auto", "the sampler: hf (transformers generate) | vllm (an engine in this "
                               "process, weights pushed after each update) | auto (vllm on CUDA if "
@@ -866,9 +884,9 @@ def refusals(args):
                "the sharded critic alone on rank 0); drop torchrun or the analysis")
     if args.wandb and importlib.util.find_spec("wandb") is None:
         yield "--wandb needs Weights & Biases: pip install wandb (and wandb login), or drop --wandb"
-    if args.algo == "grpo" and args.samples_per_prompt < 2:
-        yield ("--algo grpo needs --samples-per-prompt 2 or more: a group of one has no spread, so "
-               "every advantage is 0")
+    if args.algo in ("grpo", "rloo") and args.samples_per_prompt < 2:
+        yield (f"--algo {args.algo} needs --samples-per-prompt 2 or more: a group of one has no "
+               "other response to compare with, so every advantage is 0")
     if (args.data_file or args.eval_data_file) and args.dataset == "arith":
         yield ("--data-file and --eval-data-file need --dataset gsm8k or --dataset math (arith is "
                "generated)")
@@ -2339,12 +2357,195 @@ def credit_picture(run_dir, out_png, rollouts=256):
     return out_png
 
 
+# ---- `python vineppo.py lesson`: one iteration of VinePPO, narrated, for a room ------------------
+# It runs Part A's own functions on one toy problem and prints what each computes, one screen per
+# stage; on a terminal each screen waits for Enter, elsewhere (CI, a pipe) it runs straight through.
+
+TOY_PROBLEM = re.compile(r"Compute (\d)((?:[+-][1-3])+)\.")
+
+
+def lesson(argv):
+    """`python vineppo.py lesson [--seed N] [--problem "Compute 7+2-3+1+2."]`."""
+    parser = argparse.ArgumentParser(prog="vineppo.py lesson", description="One iteration of "
+                                     "VinePPO on one toy problem, stage by stage, for a room.")
+    parser.add_argument("--seed", type=int, default=0, help="the toy model's seed, and the draws'")
+    parser.add_argument("--problem", help='a toy problem such as "Compute 7+2-3+1+2." (default: a '
+                        "test problem the policy gets right only sometimes)")
+    parser.add_argument("--toy-cache-dir", default=Args.toy_cache_dir, help="the toy model's cache")
+    parser.add_argument("--toy-sft-steps", type=int, default=Args.toy_sft_steps,
+                        help=argparse.SUPPRESS)
+    given = parser.parse_args(argv)
+    problem = given.problem and toy_problem(given.problem, parser)
+    args = parse_args(["--seed", str(given.seed), "--toy-cache-dir", given.toy_cache_dir,
+                       "--toy-sft-steps", str(given.toy_sft_steps), "--minibatch-size", "8"])
+    seed_all(args.seed)
+    grader.start()
+    policy, reference, tokenizer = load_models(toy_model_dir(args), args, torch.device("cpu"))
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    sample_fn = make_sample_fn(args, policy, tokenizer)
+    reward_fn = make_reward_fn(tokenizer, "gsm8k")
+    problem = problem or mixed_problem(args, sample_fn, tokenizer)
+    episodes = sample_episodes(sample_fn, tokenizer, [problem], 8, "gsm8k")
+    screen("1. Sample (paper section 3): the policy writes 8 responses to one prompt. Each is "
+           "split into its reasoning steps (its lines) and graded: R = 1 if the final answer is "
+           "right.", [f"prompt: {problem['prompt']!r}, answer {problem['answer']}", ""]
+           + [f"response {i}: R = {e.reward:.0f} | " + " | ".join(map(shown, e.steps))
+              for i, e in enumerate(episodes)])
+    kept = {}  # every state's completions, as the vine samples them
+
+    def keeping(states, n, temperature=None):
+        outs = sample_fn(states, n, temperature)
+        kept.update({tuple(s): o for s, o in zip(states, outs)})
+        return outs
+    vine_values(episodes, keeping, reward_fn, args.k)
+    for each in episodes:
+        each.advantages = token_advantages(each)
+    e = most_telling(episodes)
+    screen(f"2. The vine (Eq. 5): from every state s_t, K = {args.k} more completions; V(s_t) is "
+           f"the share that end right (3 of the {args.k} shown). Here: the response that shows it "
+           f"best (R = {e.reward:.0f}).", vine_lines(e, kept, reward_fn, tokenizer, args.k))
+    screen("3. Advantages (Eq. 6): A_t = V(s_{t+1}) - V(s_t), the change in value that step t "
+           "causes; the last step gets R - V(s_{T-1}). The baselines give this response:",
+           lesson_advantages(e, episodes, policy))
+    screen("4. Whitening: every token gets its step's advantage, then the mini-batch's tokens are "
+           "shifted and scaled to mean 0 and variance 1 (the mini-batch: these 8 responses).",
+           whitened_tokens(e, episodes, tokenizer))
+    screen("5. The PPO update (section 3): the clipped ratio loss plus the KL to the reference, 2 "
+           "epochs over these 8 episodes. The probability of each step, before and after:",
+           lesson_update(e, episodes, policy, reference, args))
+    screen("6. What a full run does next:", [
+        "python vineppo.py                       # 40 iterations: 16 prompts x 8 responses each",
+        "python vineppo.py --algo ppo            # PPO's value network instead (or grpo, rloo)",
+        "python vineppo.py plot runs/arith-*     # accuracy against iterations and time",
+        "python vineppo.py credit runs/arith-ppo  # values along one response: vine, critic, truth",
+        f"(this lesson computed for {time.time() - t0:.0f} s after loading the model)"])
+
+
+def screen(heading, lines):
+    """One screen: its heading, its lines; on a terminal it waits for Enter."""
+    print("\n" + "=" * 100 + "\n" + "\n".join(textwrap.wrap(heading, 100)) + "\n" + "-" * 100)
+    print("\n".join(lines))
+    if sys.stdin.isatty():
+        input("\n[Enter] ")
+
+
+def shown(step):
+    """A step on one line: its newlines as spaces."""
+    return " ".join(step.split())
+
+
+def vine_lines(e, kept, reward_fn, tokenizer, k):
+    """Each state of the episode, three of its completions with their rewards, and its value."""
+    lines = []
+    for t in range(len(e.steps)):
+        v = e.values[t]
+        lines.append(f"s_{t} = prompt + {' | '.join(map(shown, e.steps[:t])) or '(no step yet)'}")
+        for c in kept[tuple(e.state(t))][:3]:
+            r = reward_fn(e, e.state(t), c)
+            lines.append(f"      ... {shown(decode(tokenizer, c)):<30} R = {r:.0f}")
+        se = math.sqrt(v * (1 - v) / k)
+        lines.append(f"    V(s_{t}) = {round(v * k)}/{k} = {v:.3f} +- {se:.3f}")
+    return lines
+
+
+def toy_problem(text, parser):
+    """A toy problem from its text: "Compute 7+2-3+1+2." (its answer computed here)."""
+    m = TOY_PROBLEM.fullmatch(text.strip())
+    if m is None:
+        parser.error(f'--problem must look like "Compute 7+2-3+1+2." (a digit, then + or - 1 to '
+                     f"3, four times, as the model learned), not {text!r}")
+    total = int(m[1]) + sum(int(op) for op in re.findall(r"[+-]\d", m[2]))
+    return {"problem": text.strip(), "prompt": text.strip(), "answer": str(total)}
+
+
+def mixed_problem(args, sample_fn, tokenizer, tries=20):
+    """The first test problem whose 8 responses are neither all right nor all wrong (else the
+    first one): the one a lesson learns most from."""
+    problems = arith_splits(args.seed)[1][:tries]
+    for p in problems:
+        responses = sample_fn([prompt_ids(tokenizer, p)], 8)[0]
+        if {reward(r, p["answer"], "gsm8k", tokenizer) for r in responses} == {0.0, 1.0}:
+            return p
+    return problems[0]
+
+
+def lesson_advantages(e, episodes, policy):
+    """Each step's advantage under VinePPO, and what GRPO, RLOO and a fresh critic (PPO, GAE at
+    lambda = 1: R - V(s_t)) give it."""
+    i, vine = episodes.index(e), step_advantages(e.values, e.reward)
+    group = {}
+    for name, advantages in (("GRPO", grpo_advantages), ("RLOO", rloo_advantages)):
+        copies = copy.deepcopy(episodes)
+        advantages(copies, len(copies))
+        group[name] = copies[i].advantages[0] if copies[i].advantages else 0.0
+    states = [e.state(t) for t in range(len(e.steps))]
+    critic = critic_state_values(Critic.from_policy(policy), states)
+    lines = [f"{'step':<12} {'VinePPO':>9} {'GRPO':>7} {'RLOO':>7} {'PPO (a new critic)':>19}"]
+    for t, step in enumerate(e.steps):
+        lines.append(f"{shown(step):<12} A = {vine[t]:+.3f} {group['GRPO']:+7.3f} "
+                     f"{group['RLOO']:+7.3f} {e.reward - critic[t]:+19.3f}")
+    return lines + ["", "VinePPO blames the step whose values fall; GRPO and RLOO give every step "
+                    "the same number; a critic at its start", "knows nothing yet (after training: "
+                    "see credit.png)."]
+
+
+def whitened_tokens(e, episodes, tokenizer):
+    """The chosen response's tokens, each with its advantage after the mini-batch's whitening."""
+    mask = pad_episodes(episodes)[2]
+    white = whiten(response_tensor(episodes, "advantages", mask.shape[1]), mask)
+    white = white[episodes.index(e), e.span()].tolist()
+    lines = []
+    for t in range(len(e.steps)):
+        mine = [(token, a) for token, a, s in zip(e.response_ids, white, e.step_of_token) if s == t]
+        text = f"step {t}: " + " ".join(f"{decode(tokenizer, [tok])!r}{a:+.2f}" for tok, a in mine)
+        colour = 32 if sum(a for _, a in mine) > 0 else 31 if sum(a for _, a in mine) < 0 else 0
+        lines.append(f"\033[{colour}m{text}\033[0m" if sys.stdout.isatty() else text)
+    return lines
+
+
+def step_logprobs(model, e, temperature):
+    """log P(step t | s_t) of each step of an episode: the sum of its tokens' log-probabilities."""
+    input_ids, attention_mask, _ = pad_episodes([e])
+    with torch.no_grad():
+        logp = token_logprobs(model, input_ids, attention_mask, temperature)[0, e.span()].tolist()
+    return [sum(lp for lp, s in zip(logp, e.step_of_token) if s == t) for t in range(len(e.steps))]
+
+
+def lesson_update(e, episodes, policy, reference, args, most=20):
+    """PPO updates (train_on_episodes) on the episodes at a constant learning rate, repeated on the
+    same episodes (at most `most` times) until the blamed step's probability moves by 1% or more;
+    the steps' probabilities before and after."""
+    blamed = min(range(len(e.steps)), key=lambda t: step_advantages(e.values, e.reward)[t])
+    before = step_logprobs(policy, e, args.temperature)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    trained = Trained(policy, optimizer, constant)
+    for rounds in range(1, most + 1):
+        stats = train_on_episodes(trained, None, reference, episodes, args, random.Random(rounds))
+        after = step_logprobs(policy, e, args.temperature)
+        if abs(math.exp(after[blamed] - before[blamed]) - 1) >= 0.01:
+            break
+    lines = [f"ratio {stats.get('ratio', float('nan')):.3f}, clipped share "
+             f"{stats.get('clip_frac', 0.0):.3f}, KL {stats.get('kl', 0.0):.5f}, loss "
+             f"{stats.get('policy', 0.0):+.4f} ({stats['optimizer_steps']} optimizer steps)", ""]
+    for t, step in enumerate(e.steps):
+        p, q = math.exp(before[t]), math.exp(after[t])
+        mark = "  <- the step the vine blames" if t == blamed else ""
+        way = "up" if q > p else "down"
+        lines.append(f"{shown(step):<12} P = {p:.4f} -> {q:.4f} ({way}){mark}")
+    return lines + ["", "after one update" if rounds == 1 else
+                    f"after {rounds} updates on the same episodes (one moved it too little to see)"]
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["plot"], ["credit"]):
         return picture(argv)
+    if argv[:1] == ["lesson"]:
+        return lesson(argv[1:])
     args = parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line
     try:

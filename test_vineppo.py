@@ -1895,7 +1895,7 @@ torch.distributed.destroy_process_group()
 
 
 @needs_vllm
-def test_two_ranks_with_an_engine_each_sample_differently_and_take_the_pushed_weights(vllm_toy, tmp_path):
+def test_vllm_on_two_ranks_an_engine_each_samples_differently_and_takes_the_pushed_weights(vllm_toy, tmp_path):
     script = tmp_path / "two_engines.py"
     script.write_text(TWO_ENGINES)
     torchrun([str(script), str(Path(__file__).parent), vllm_toy[0], str(tmp_path / "out.json")], cwd=tmp_path)

@@ -1796,9 +1796,9 @@ def torchrun(args, cwd, tries=2):
 def fixed_episodes():
     """8 episodes of random tokens with known advantages, the same in every process."""
     rng, episodes = random.Random(0), []
-    for i in range(8):
-        prompt = [rng.randrange(4, 60) for _ in range(rng.randint(2, 5))]
-        response = [rng.randrange(4, 60) for _ in range(rng.randint(1, 6))]
+    for i in range(8):  # each rank's first episode (0 and 4) is the longest: it pads the rank's micro-batches
+        prompt = [rng.randrange(4, 60) for _ in range(6 if i % 4 == 0 else rng.randint(2, 5))]
+        response = [rng.randrange(4, 60) for _ in range(8 if i % 4 == 0 else rng.randint(1, 6))]
         e = Episode(prompt, response, "1", ["x"], [0] * len(response), float(i % 2))
         e.advantages = [rng.uniform(-1, 1) for _ in response]
         episodes.append(e)
@@ -1813,8 +1813,9 @@ def fixed_policy():
 
 
 def update_fixed_episodes(policy, reference, episodes):
-    """2 epochs of mini-batches of 3 (so they split unevenly over 2 ranks), micro-batches of 2, a KL term."""
-    args = vineppo.Args(ppo_epochs=2, minibatch_size=3, micro_batch_size=2, lr=1e-2, kl_coef=0.1, temperature=1.0)
+    """2 epochs of mini-batches of 5 (so they split unevenly over 2 ranks, and a rank may run more micro-batches of
+    2 than the other), a KL term."""
+    args = vineppo.Args(ppo_epochs=2, minibatch_size=5, micro_batch_size=2, lr=1e-2, kl_coef=0.1, temperature=1.0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
     trained = vineppo.Trained(policy, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
     return vineppo.train_on_episodes(trained, None, reference, episodes, args, random.Random(0))
@@ -1829,7 +1830,7 @@ def test_two_ranks_update_a_split_set_of_episodes_as_one_process_updates_all_of_
     assert got["counts"] == (8, 1)  # every element counted once; the highest rank
     policy = fixed_policy()  # one process, all 8 episodes
     stats = update_fixed_episodes(policy, copy.deepcopy(policy).requires_grad_(False), fixed_episodes())
-    assert stats["optimizer_steps"] == got["stats"]["optimizer_steps"] == 6  # 2 epochs x ceil(8 / 3)
+    assert stats["optimizer_steps"] == got["stats"]["optimizer_steps"] == 4  # 2 epochs x ceil(8 / 5)
     for key in ("policy", "kl", "ratio", "clip_frac"):
         assert got["stats"][key] == pytest.approx(stats[key], rel=1e-4, abs=1e-6), key
     one = policy.state_dict()

@@ -334,8 +334,7 @@ def train_on_episodes(policy, critic, reference, episodes, args, rng):
     for t in trained:
         t.model.train()  # gradient checkpointing, if on, needs it (dropout is off)
     totals, outcomes = {}, []
-    # The mini-batches are drawn from all ranks' episodes: this rank holds [first, first + count).
-    first, total = RANKS.rank * len(episodes), RANKS.world * len(episodes)
+    total = global_sum(len(episodes))  # under torchrun the mini-batches are drawn from all ranks'
     n_minibatches = args.ppo_epochs * math.ceil(total / args.minibatch_size)
     progress = tqdm(total=n_minibatches, desc="train", leave=False,
                     disable=n_minibatches < 4 or RANKS.rank > 0)
@@ -346,8 +345,8 @@ def train_on_episodes(policy, critic, reference, episodes, args, rng):
             progress.update()
             for t in trained:
                 t.optimizer.zero_grad(set_to_none=True)
-            mine = [episodes[i - first] for i in indices if first <= i < first + len(episodes)]
-            stats = minibatch_loss(policy.model, critic and critic.model, mine, args, episodes[0])
+            stats = minibatch_loss(policy.model, critic and critic.model,
+                                   my_episodes(indices, episodes), args, spare=episodes[0])
             outcome, grad_norm = optimizer_step(trained, stats, args)
             outcomes.append(outcome)
             if outcome != "step":
@@ -387,9 +386,8 @@ def minibatch_loss(policy, critic, minibatch, args, spare):
 
     The advantages are whitened over the whole mini-batch first, and every micro-batch's loss is
     normalised by the mini-batch's counts, so that the accumulated gradient is the mini-batch's.
-    Under torchrun `minibatch` is this rank's part of it: the counts and stats are summed over the
-    ranks, and every rank runs as many forward passes (FSDP gathers the weights in each), padding
-    with `spare` at weight 0; the loss is multiplied by the world size, as FSDP averages gradients.
+    Under torchrun `minibatch` is this rank's part of it; the counts and stats are summed over the
+    ranks, and rank_micro_batches says why a micro-batch has a weight (1 on one process).
     """
     device = next(policy.parameters()).device
     some = minibatch or [spare]  # a rank may hold none of a mini-batch
@@ -398,16 +396,15 @@ def minibatch_loss(policy, critic, minibatch, args, spare):
     if args.algo in ("vineppo", "ppo"):  # GRPO and RLOO take their group's advantages as they are
         advantages = whiten(advantages, mask)
     num_tokens, num_responses = global_sum(mask.sum()).clamp(min=1), global_sum(len(minibatch))
-    micro = chunks(minibatch, args.micro_batch_size)
-    weights = [RANKS.world] * len(micro) + [0] * (global_max(len(micro)) - len(micro))
     stats_sum, finite, start = {}, True, 0
-    for chunk, weight in zip(micro + [[spare]] * (len(weights) - len(micro)), weights):
+    for chunk, weight in rank_micro_batches(minibatch, args.micro_batch_size, spare):
         input_ids, attention_mask, chunk_mask = pad_episodes(chunk, device=device)
         width = chunk_mask.shape[1]
         per_token = lambda name: response_tensor(chunk, name, width).to(device)
+        # [chunk, seq-1]: this micro-batch's (whitened) advantages; a pad has none
+        adv = advantages[start:start + len(chunk), :width] if weight else 0 * chunk_mask
         logp = token_logprobs(policy, input_ids, attention_mask, args.temperature)  # [chunk, seq-1]
-        loss, stats = ppo_loss(logp, per_token("old_logp"), per_token("ref_logp"),
-                               advantages[start:start + len(chunk), :width], chunk_mask,
+        loss, stats = ppo_loss(logp, per_token("old_logp"), per_token("ref_logp"), adv, chunk_mask,
                                args.clip_eps, args.kl_coef, num_tokens, num_responses)
         if critic is not None:  # --algo ppo: the critic's loss rides along (no shared parameters)
             values = token_values(critic, input_ids, attention_mask)
@@ -537,7 +534,8 @@ class Critic(torch.nn.Module):
 
     The head reads the last hidden state at every position, so position i holds the value of the
     state made of tokens 0..i. It is initialised as the authors' code does: weights N(0,
-    1/sqrt(hidden + 1)), bias 0, so the first values are small and centred on 0."""
+    1/sqrt(hidden + 1)), bias 0, so the first values are centred on 0 (and of order 1, the hidden
+    states being normalised)."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -1268,7 +1266,8 @@ def start_ranks(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    from datetime import timedelta  # rank 0 works alone at times (the toy warm start, the analysis)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     RANKS.rank, RANKS.world, RANKS.device = dist.get_rank(), world, device
     if RANKS.rank:  # errors still reach stderr; the progress bars check RANKS.rank
         sys.stdout = open(os.devnull, "w")
@@ -1276,11 +1275,13 @@ def start_ranks(device):
     return device
 
 
-def stop_ranks(llm):
+def stop_ranks(run):
     """Shut the engine down before the process group it uses, then leave the group."""
     if RANKS.world > 1:
+        import gc
         import torch.distributed as dist
-        del llm
+        run.llm = run.sample_fn = None
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -1312,6 +1313,24 @@ def rank_seed(seed):
     return seed + 1_000_003 * RANKS.rank
 
 
+def my_episodes(indices, episodes):
+    """This rank's episodes among a global mini-batch's indices: the ranks' episodes are numbered
+    one after the other, rank 0's first (on one process: all of them, in the order of indices)."""
+    first = RANKS.rank * len(episodes)
+    return [episodes[i - first] for i in indices if first <= i < first + len(episodes)]
+
+
+def rank_micro_batches(minibatch, size, spare):
+    """[(micro-batch, weight)]: a mini-batch (this rank's part of it) in micro-batches of `size`,
+    each at weight 1 on one process. Under torchrun every rank runs as many forward passes (FSDP
+    gathers the weights in each), so one with fewer pads with [spare] at weight 0; and the others
+    weigh the world size, since FSDP averages the ranks' gradients where the loss, normalised by
+    the global counts, needs their sum."""
+    micro = chunks(minibatch, size)
+    pads = global_max(len(micro)) - len(micro)
+    return [(c, RANKS.world) for c in micro] + [([spare], 0)] * pads
+
+
 def my_share(items):
     """This rank's contiguous share of a list (all of it on one process)."""
     per = -(-len(items) // RANKS.world)
@@ -1334,6 +1353,8 @@ def shard(model, device):
                  getattr(getattr(model, "backbone", None), "_no_split_modules", None) or [])
     for module in [m for m in model.modules() if type(m).__name__ in layers]:
         fully_shard(module, mp_policy=policy)
+    if hasattr(model, "value_head"):  # the critic's head stays float32 (Critic.forward)
+        fully_shard(model.value_head, mp_policy=MixedPrecisionPolicy())
     fully_shard(model, mp_policy=policy)
     return model
 
@@ -1790,7 +1811,7 @@ def setup(args):
         (out_dir / "config.json").write_text(json.dumps(config, indent=2))
         if not checkpoint:
             (out_dir / "credit.md").unlink(missing_ok=True)
-    size = sum(local(p).numel() for p in policy.model.parameters()) / 1e6
+    size = sum(p.numel() for p in policy.model.parameters()) / 1e6  # a DTensor's: the whole
     ranks = f" x {RANKS.world} ranks" if RANKS.world > 1 else ""
     resumed = f", resumed from {checkpoint}" if checkpoint else ""
     print(f"{args.algo} on {args.dataset}: {len(train_set)} train / {len(test_set)} test problems, "
@@ -1839,8 +1860,9 @@ def train(args):
         except KeyboardInterrupt:
             print(f"\ninterrupted at iteration {iteration}: saving what is done to final/")
             interrupted = True
-    save_final(run)
-    stop_ranks(run.llm)
+    if not (interrupted and RANKS.world > 1):  # the ranks stopped at different points: no gathering
+        save_final(run)
+    stop_ranks(run)
     if wandb is not None:
         wandb.finish()
     if interrupted:
@@ -1854,14 +1876,16 @@ def summary(m, episodes, lr):
     train/ (the responses), loss/ and update/ (the update), credit/, time/, tokens/, throughput/."""
     n, nan = global_sum(len(episodes)), float("nan")  # nan: no mini-batch took a step
     everywhere = lambda f: global_sum(sum(f(e) for e in episodes))  # over all ranks' episodes
-    out = {key: global_sum(v) if key.startswith(("tokens/", "credit/vine")) else v
-           for key, v in m.items() if key.split("/")[0] in ("time", "tokens", "credit")}
+    merge = lambda key: (global_sum if key.startswith(("tokens/", "credit/vine")) else  # all ranks'
+                         global_max if key.startswith("time/") else (lambda v: v))  # the slowest
+    out = {key: merge(key)(v) for key, v in m.items()
+           if key.split("/")[0] in ("time", "tokens", "credit")}
     out.update({"train/reward": everywhere(lambda e: e.reward) / n,
                 "train/response_length": out["tokens/policy"] / n,
                 "train/steps_per_response": everywhere(lambda e: len(e.steps)) / n})
     if episodes[0].values is not None:  # vine or critic values; the group baselines have none
         out["train/value_s0"] = everywhere(lambda e: e.values[0]) / n
-    sampled = out["tokens/policy"] + out.get("tokens/vine", 0)  # all ranks' tokens, rank 0's time
+    sampled = out["tokens/policy"] + out.get("tokens/vine", 0)  # all ranks' tokens
     out.update({"loss/policy": m.get("policy", nan), "loss/kl": m.get("kl", nan),
                 "update/clip_frac": m.get("clip_frac", nan), "update/ratio": m.get("ratio", nan),
                 "update/grad_norm": m.get("grad_norm", nan), "update/lr": lr,
@@ -1970,8 +1994,9 @@ def writable_output_dir(path):
     out_dir = Path(path).expanduser()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ".write-test").write_text("")
-        (out_dir / ".write-test").unlink()
+        probe = out_dir / f".write-test{os.getpid()}"  # ranks of one run probe at once
+        probe.write_text("")
+        probe.unlink()
     except OSError as e:
         raise SystemExit(f"error: --output-dir {path} cannot be written ({e.strerror}); give "
                          "another directory")
@@ -2061,6 +2086,9 @@ def load_checkpoint(path, trained):
         load_full_state(t.model, state.get("optimizers", [{}] * len(trained))[i], t.optimizer)
     info = json.loads((path / "state.json").read_text())
     schedules, rngs = broadcast([state.get("schedulers"), state.get("rngs")])
+    if rngs is None:
+        raise SystemExit(f"error: --resume: {path} was written by an earlier vineppo.py (no "
+                         "per-rank random states); start a new run")
     for t, schedule in zip(trained, schedules):
         t.schedule.load_state_dict(schedule)
     if len(rngs) == RANKS.world:  # the same number of ranks: each continues its own random stream
@@ -2481,7 +2509,7 @@ def lesson_advantages(e, episodes, policy):
         group[name] = copies[i].advantages[0] if copies[i].advantages else 0.0
     states = [e.state(t) for t in range(len(e.steps))]
     critic = critic_state_values(Critic.from_policy(policy), states)
-    lines = [f"{'step':<12} {'VinePPO':>9} {'GRPO':>7} {'RLOO':>7} {'PPO (a new critic)':>19}"]
+    lines = [f"{'step':<12} {'VinePPO':>10} {'GRPO':>7} {'RLOO':>7} {'PPO (a new critic)':>19}"]
     for t, step in enumerate(e.steps):
         lines.append(f"{shown(step):<12} A = {vine[t]:+.3f} {group['GRPO']:+7.3f} "
                      f"{group['RLOO']:+7.3f} {e.reward - critic[t]:+19.3f}")
@@ -2516,7 +2544,10 @@ def lesson_update(e, episodes, policy, reference, args, most=20):
     """PPO updates (train_on_episodes) on the episodes at a constant learning rate, repeated on the
     same episodes (at most `most` times) until the blamed step's probability moves by 1% or more;
     the steps' probabilities before and after."""
-    blamed = min(range(len(e.steps)), key=lambda t: step_advantages(e.values, e.reward)[t])
+    advantages = step_advantages(e.values, e.reward)
+    blamed = min(range(len(e.steps)), key=lambda t: advantages[t])
+    if advantages[blamed] >= 0:  # no step lost value (all right, say): nothing to push down
+        blamed = None
     before = step_logprobs(policy, e, args.temperature)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -2524,7 +2555,7 @@ def lesson_update(e, episodes, policy, reference, args, most=20):
     for rounds in range(1, most + 1):
         stats = train_on_episodes(trained, None, reference, episodes, args, random.Random(rounds))
         after = step_logprobs(policy, e, args.temperature)
-        if abs(math.exp(after[blamed] - before[blamed]) - 1) >= 0.01:
+        if blamed is None or abs(math.exp(after[blamed] - before[blamed]) - 1) >= 0.01:
             break
     lines = [f"ratio {stats.get('ratio', float('nan')):.3f}, clipped share "
              f"{stats.get('clip_frac', 0.0):.3f}, KL {stats.get('kl', 0.0):.5f}, loss "
@@ -2534,8 +2565,9 @@ def lesson_update(e, episodes, policy, reference, args, most=20):
         mark = "  <- the step the vine blames" if t == blamed else ""
         way = "up" if q > p else "down"
         lines.append(f"{shown(step):<12} P = {p:.4f} -> {q:.4f} ({way}){mark}")
-    return lines + ["", "after one update" if rounds == 1 else
-                    f"after {rounds} updates on the same episodes (one moved it too little to see)"]
+    said = ("after one update" if rounds == 1 else
+            f"after {rounds} updates on the same episodes (one moved it too little to see)")
+    return lines + ["", said + ("" if blamed is not None else "; no step lost value here")]
 
 
 # ---- main ----------------------------------------------------------------------------------------

@@ -2415,11 +2415,12 @@ def lesson(argv):
     reward_fn = make_reward_fn(tokenizer, "gsm8k")
     problem = problem or mixed_problem(args, sample_fn, tokenizer)
     episodes = sample_episodes(sample_fn, tokenizer, [problem], 8, "gsm8k")
-    screen("1. Sample (paper section 3): the policy writes 8 responses to one prompt. Each is "
-           "split into its reasoning steps (its lines) and graded: R = 1 if the final answer is "
-           "right.", [f"prompt: {problem['prompt']!r}, answer {problem['answer']}", ""]
-           + [f"response {i}: R = {e.reward:.0f} | " + " | ".join(map(shown, e.steps))
-              for i, e in enumerate(episodes)])
+    waited = screen(  # the seconds spent at the Enter prompts: the room's, not compute
+        "1. Sample (paper section 3): the policy writes 8 responses to one prompt. Each is split "
+        "into its reasoning steps (its lines) and graded: R = 1 if the final answer is right.",
+        [f"prompt: {problem['prompt']!r}, answer {problem['answer']}", ""]
+        + [f"response {i}: R = {e.reward:.0f} | " + " | ".join(map(shown, e.steps))
+           for i, e in enumerate(episodes)])
     kept = {}  # every state's completions, as the vine samples them
 
     def keeping(states, n, temperature=None):
@@ -2430,32 +2431,39 @@ def lesson(argv):
     for each in episodes:
         each.advantages = token_advantages(each)
     e = most_telling(episodes)
-    screen(f"2. The vine (Eq. 5): from every state s_t, K = {args.k} more completions; V(s_t) is "
-           f"the share that end right (3 of the {args.k} shown). Here: the response that shows it "
-           f"best (R = {e.reward:.0f}).", vine_lines(e, kept, reward_fn, tokenizer, args.k))
-    screen("3. Advantages (Eq. 6): A_t = V(s_{t+1}) - V(s_t), the change in value that step t "
-           "causes; the last step gets R - V(s_{T-1}). The baselines give this response:",
-           lesson_advantages(e, episodes, policy))
-    screen("4. Whitening: every token gets its step's advantage, then the mini-batch's tokens are "
-           "shifted and scaled to mean 0 and variance 1 (the mini-batch: these 8 responses).",
-           whitened_tokens(e, episodes, tokenizer))
-    screen("5. The PPO update (section 3): the clipped ratio loss plus the KL to the reference, 2 "
-           "epochs over these 8 episodes. The probability of each step, before and after:",
-           lesson_update(e, episodes, policy, reference, args))
+    waited += screen(
+        f"2. The vine (Eq. 5): from every state s_t, K = {args.k} more completions; V(s_t) is the "
+        f"share that end right (3 of the {args.k} shown). Here: the response that shows it best "
+        f"(R = {e.reward:.0f}).", vine_lines(e, kept, reward_fn, tokenizer, args.k))
+    waited += screen(
+        "3. Advantages (Eq. 6): A_t = V(s_{t+1}) - V(s_t), the change in value that step t "
+        "causes; the last step gets R - V(s_{T-1}). The baselines give this response:",
+        lesson_advantages(e, episodes, policy))
+    waited += screen(
+        "4. Whitening: every token gets its step's advantage, then the mini-batch's tokens are "
+        "shifted and scaled to mean 0 and variance 1 (the mini-batch: these 8 responses).",
+        whitened_tokens(e, episodes, tokenizer))
+    waited += screen(
+        "5. The PPO update (section 3): the clipped ratio loss plus the KL to the reference, 2 "
+        "epochs over these 8 episodes. The probability of each step, before and after:",
+        lesson_update(e, episodes, policy, reference, args))
     screen("6. What a full run does next:", [
         "python vineppo.py                       # 40 iterations: 16 prompts x 8 responses each",
         "python vineppo.py --algo ppo            # PPO's value network instead (or grpo, rloo)",
         "python vineppo.py plot runs/arith-*     # accuracy against iterations and time",
         "python vineppo.py credit runs/arith-ppo  # values along one response: vine, critic, truth",
-        f"(this lesson computed for {time.time() - t0:.0f} s after loading the model)"])
+        f"(this lesson computed for {time.time() - t0 - waited:.0f} s after loading the model)"])
 
 
 def screen(heading, lines):
-    """One screen: its heading, its lines; on a terminal it waits for Enter."""
+    """One screen: its heading, its lines; on a terminal it waits for Enter. Returns the seconds
+    it waited (the room's time, not the lesson's compute)."""
     print("\n" + "=" * 100 + "\n" + "\n".join(textwrap.wrap(heading, 100)) + "\n" + "-" * 100)
     print("\n".join(lines))
+    t0 = time.time()
     if sys.stdin.isatty():
         input("\n[Enter] ")
+    return time.time() - t0
 
 
 def shown(step):
@@ -2513,8 +2521,8 @@ def lesson_advantages(e, episodes, policy):
     for t, step in enumerate(e.steps):
         lines.append(f"{shown(step):<12} A = {vine[t]:+.3f} {group['GRPO']:+7.3f} "
                      f"{group['RLOO']:+7.3f} {e.reward - critic[t]:+19.3f}")
-    return lines + ["", "VinePPO blames the step whose values fall; GRPO and RLOO give every step "
-                    "the same number; a critic at its start", "knows nothing yet (after training: "
+    return lines + ["", "VinePPO blames the step whose value falls; GRPO and RLOO give every step "
+                    "the same number;", "a critic at its start knows nothing yet (after training: "
                     "see credit.png)."]
 
 
@@ -2526,7 +2534,10 @@ def whitened_tokens(e, episodes, tokenizer):
     lines = []
     for t in range(len(e.steps)):
         mine = [(token, a) for token, a, s in zip(e.response_ids, white, e.step_of_token) if s == t]
-        text = f"step {t}: " + " ".join(f"{decode(tokenizer, [tok])!r}{a:+.2f}" for tok, a in mine)
+        # a token as its text, or by its name where it has none (EOS)
+        named = [(decode(tokenizer, [tok]) or tokenizer.convert_ids_to_tokens(tok), a)
+                 for tok, a in mine]
+        text = f"step {t}: " + " ".join(f"{x!r}{a:+.2f}" for x, a in named)
         colour = 32 if sum(a for _, a in mine) > 0 else 31 if sum(a for _, a in mine) < 0 else 0
         lines.append(f"\033[{colour}m{text}\033[0m" if sys.stdout.isatty() else text)
     return lines

@@ -6,9 +6,11 @@ of a value network's guess, and a step's advantage is the change in value it cau
     Kazemnejad et al., "VinePPO: Refining Credit Assignment in RL Training of LLMs", ICML 2025,
     arXiv 2410.01679 (v2). The authors' code: https://github.com/McGill-NLP/VinePPO
 
+    python vineppo.py lesson                 # one iteration of VinePPO, narrated, for a room
     python vineppo.py                        # the toy task: a tiny model on a laptop CPU, minutes
     python vineppo.py --dataset gsm8k        # Rho-1.1B SFT on GSM8K, the paper's settings, one GPU
     python vineppo.py --dataset math         # ... on MATH (the PRM800K split, tested on MATH-500)
+    torchrun --nproc-per-node 4 vineppo.py --dataset math   # the same on 4 GPUs (FSDP2)
     python vineppo.py --algo ppo             # the baselines: PPO's value network, grpo, rloo
     python vineppo.py --resume               # continue the run in --output-dir from its checkpoint
     python vineppo.py plot runs/arith-*      # accuracy against iterations and time, over seeds
@@ -28,7 +30,7 @@ Contents: the paper (v2) -> where it is here.
   Part C, the machinery: flags (Args), data, the toy task, models, the samplers, the MATH splitter
     (Appendix B), evaluation (section 5), the run loop, checkpoints, the value analysis (section 7),
     plots and the credit picture (Figure 1), main.
-The README's last section lists where this file departs from the paper and the authors' code.
+The README's appendix lists where this file departs from the paper and the authors' code.
 """
 import argparse
 import copy
@@ -1031,7 +1033,7 @@ TOY_SLIP_RATE = 0.3  # the share of warm-start solutions with one wrong step
 def make_arith_problem(rng, slip_rate=0.0):
     """The toy task: start at a digit, apply four small additions or subtractions, one per line.
 
-    >>> 'Compute 7+2-3+1+2.'  ->  '9-3+1+2\\n6+1+2\\n7+2\\n9\\n#### 9'
+    >>> 'Compute 5+2-3+1+2.'  ->  '7-3+1+2\\n4+1+2\\n5+2\\n7\\n#### 7'
     Each line does the first operation and copies the rest (a small model learns that in a few
     hundred steps; looking the i-th operation up in the prompt it does not). With probability
     slip_rate the teacher's solution slips once: one result off by one and the rest computed
@@ -1789,15 +1791,8 @@ def setup(args):
     critic = Critic.from_policy(policy).to(device) if args.algo == "ppo" else None  # before updates
     if critic is not None and device.type == "cuda" and args.gradient_checkpointing:
         critic.backbone.gradient_checkpointing_enable()
-    if args.engine == "auto":  # vLLM where it is fast: on CUDA, when it is installed
-        args.engine = "vllm" if device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
-    sampler = policy
-    if RANKS.world > 1:  # a full copy samples (generate must not wait for the other ranks)
-        sampler = None if args.engine == "vllm" else copy.deepcopy(policy).to(
-            torch.bfloat16 if device.type == "cuda" else torch.float32)
-        policy, reference = shard(policy, device), shard(reference, device)
-        critic = critic and shard(critic, device)
-    llm = vllm_engine(path, args, device) if args.engine == "vllm" else None
+    policy, reference, critic, sampler, llm = place_models(policy, reference, critic, path, args,
+                                                           device)
     torch.manual_seed(rank_seed(args.seed))  # the same draws whether or not the toy was just built
     total_steps = args.iterations * args.ppo_epochs * math.ceil(
         args.prompts_per_iteration * args.samples_per_prompt / args.minibatch_size)
@@ -1823,6 +1818,24 @@ def setup(args):
     if checkpoint is not None or llm is not None:
         update_sampler(run)  # the checkpoint's weights; and an incompatible vLLM fails in seconds
     return run, start, history
+
+
+def place_models(policy, reference, critic, path, args, device):
+    """The sampler, and the models sharded over the ranks. One process samples with the policy
+    itself (or a vLLM engine); N ranks shard the trained models with FSDP2 and sample with a full
+    copy each (generate must not wait for the other ranks) or an engine each. --engine auto
+    becomes vllm on CUDA when it is installed, else hf.
+    Returns (policy, reference, critic, sampler, llm)."""
+    if args.engine == "auto":
+        args.engine = "vllm" if device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
+    sampler = policy
+    if RANKS.world > 1:
+        sampler = None if args.engine == "vllm" else copy.deepcopy(policy).to(
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        policy, reference = shard(policy, device), shard(reference, device)
+        critic = critic and shard(critic, device)
+    llm = vllm_engine(path, args, device) if args.engine == "vllm" else None
+    return policy, reference, critic, sampler, llm
 
 
 def train(args):
@@ -2393,19 +2406,8 @@ TOY_PROBLEM = re.compile(r"Compute (\d)((?:[+-][1-3])+)\.")
 
 
 def lesson(argv):
-    """`python vineppo.py lesson [--seed N] [--problem "Compute 7+2-3+1+2."]`."""
-    parser = argparse.ArgumentParser(prog="vineppo.py lesson", description="One iteration of "
-                                     "VinePPO on one toy problem, stage by stage, for a room.")
-    parser.add_argument("--seed", type=int, default=0, help="the toy model's seed, and the draws'")
-    parser.add_argument("--problem", help='a toy problem such as "Compute 7+2-3+1+2." (default: a '
-                        "test problem the policy gets right only sometimes)")
-    parser.add_argument("--toy-cache-dir", default=Args.toy_cache_dir, help="the toy model's cache")
-    parser.add_argument("--toy-sft-steps", type=int, default=Args.toy_sft_steps,
-                        help=argparse.SUPPRESS)
-    given = parser.parse_args(argv)
-    problem = given.problem and toy_problem(given.problem, parser)
-    args = parse_args(["--seed", str(given.seed), "--toy-cache-dir", given.toy_cache_dir,
-                       "--toy-sft-steps", str(given.toy_sft_steps), "--minibatch-size", "8"])
+    """`python vineppo.py lesson [--seed N] [--problem "Compute 5+2-3+1+2."]`."""
+    args, problem = lesson_args(argv)
     seed_all(args.seed)
     grader.start()
     policy, reference, tokenizer = load_models(toy_model_dir(args), args, torch.device("cpu"))
@@ -2421,15 +2423,7 @@ def lesson(argv):
         [f"prompt: {problem['prompt']!r}, answer {problem['answer']}", ""]
         + [f"response {i}: R = {e.reward:.0f} | " + " | ".join(map(shown, e.steps))
            for i, e in enumerate(episodes)])
-    kept = {}  # every state's completions, as the vine samples them
-
-    def keeping(states, n, temperature=None):
-        outs = sample_fn(states, n, temperature)
-        kept.update({tuple(s): o for s, o in zip(states, outs)})
-        return outs
-    vine_values(episodes, keeping, reward_fn, args.k)
-    for each in episodes:
-        each.advantages = token_advantages(each)
+    kept = lesson_vine(episodes, sample_fn, reward_fn, args.k)
     e = most_telling(episodes)
     waited += screen(
         f"2. The vine (Eq. 5): from every state s_t, K = {args.k} more completions; V(s_t) is the "
@@ -2453,6 +2447,38 @@ def lesson(argv):
         "python vineppo.py plot runs/arith-*     # accuracy against iterations and time",
         "python vineppo.py credit runs/arith-ppo  # values along one response: vine, critic, truth",
         f"(this lesson computed for {time.time() - t0 - waited:.0f} s after loading the model)"])
+
+
+def lesson_args(argv):
+    """The lesson's flags, as the run's Args (the toy's defaults) and the problem asked for."""
+    parser = argparse.ArgumentParser(prog="vineppo.py lesson", description="One iteration of "
+                                     "VinePPO on one toy problem, stage by stage, for a room.")
+    parser.add_argument("--seed", type=int, default=0, help="the toy model's seed, and the draws'")
+    parser.add_argument("--problem", help='a toy problem such as "Compute 5+2-3+1+2." (default: a '
+                        "test problem the policy gets right only sometimes)")
+    parser.add_argument("--toy-cache-dir", default=Args.toy_cache_dir, help="the toy model's cache")
+    parser.add_argument("--toy-sft-steps", type=int, default=Args.toy_sft_steps,
+                        help=argparse.SUPPRESS)
+    given = parser.parse_args(argv)
+    problem = given.problem and toy_problem(given.problem, parser)
+    args = parse_args(["--seed", str(given.seed), "--toy-cache-dir", given.toy_cache_dir,
+                       "--toy-sft-steps", str(given.toy_sft_steps), "--minibatch-size", "8"])
+    return args, problem
+
+
+def lesson_vine(episodes, sample_fn, reward_fn, k):
+    """vine_values on the lesson's episodes, keeping every state's completions to show them, then
+    each episode's token advantages. Returns {state token ids: its completions}."""
+    kept = {}
+
+    def keeping(states, n, temperature=None):
+        outs = sample_fn(states, n, temperature)
+        kept.update({tuple(s): o for s, o in zip(states, outs)})
+        return outs
+    vine_values(episodes, keeping, reward_fn, k)
+    for each in episodes:
+        each.advantages = token_advantages(each)
+    return kept
 
 
 def screen(heading, lines):
@@ -2486,10 +2512,10 @@ def vine_lines(e, kept, reward_fn, tokenizer, k):
 
 
 def toy_problem(text, parser):
-    """A toy problem from its text: "Compute 7+2-3+1+2." (its answer computed here)."""
+    """A toy problem from its text: "Compute 5+2-3+1+2." (its answer computed here)."""
     m = TOY_PROBLEM.fullmatch(text.strip())
     if m is None:
-        parser.error(f'--problem must look like "Compute 7+2-3+1+2." (a digit, then + or - 1 to '
+        parser.error(f'--problem must look like "Compute 5+2-3+1+2." (a digit, then + or - 1 to '
                      f"3, four times, as the model learned), not {text!r}")
     total = int(m[1]) + sum(int(op) for op in re.findall(r"[+-]\d", m[2]))
     return {"problem": text.strip(), "prompt": text.strip(), "answer": str(total)}

@@ -1,9 +1,10 @@
 """Final-answer grader for VinePPO: the reward is 1.0 when the final answer is right, else 0.0.
 
-extract_answer finds the final answer. is_equiv normalizes two answers (_RULES, one LaTeX habit per rule)
-and accepts: the same string or number (0.75 = \\frac{3}{4}); tuples and intervals element-wise, with their
-brackets; sets, bare lists and "a \\pm b" in any order; matrices cell by cell; relations up to a positive
-factor (x > 1 = 1 < x); and values whose difference is zero (x(x+1) = x^2+x, \\sin^2 x+\\cos^2 x = 1).
+extract_answer finds the final answer: the last box, a GSM8K "####" line or a final-answer sentence.
+is_equiv normalizes two answers (_RULES, one LaTeX habit per rule) and accepts: the same string or number
+(0.75 = \\frac{3}{4}); tuples and intervals element-wise, with their brackets; sets, bare lists and
+"a \\pm b" in any order; matrices cell by cell (a vmatrix is a determinant, no matrix); relations up to a
+positive factor (x > 1 = 1 < x); and values whose difference is zero (x(x+1) = x^2+x, \\sin^2 x+\\cos^2 x = 1).
 
 The grader is the reward an RL policy optimises, so every answer is treated as adversarial input:
 - Model text is never evaluated. _Parser reads LaTeX token by token and builds the sympy expression by
@@ -13,8 +14,11 @@ The grader is the reward an RL policy optimises, so every answer is treated as a
   difference is evaluated at points drawn from a hash of the pair (no answer can be built to vanish
   there), and a value that is not 0 settles it fast. Only an answer that is itself a decimal with 6+
   places may differ from an exact value, by half its last place (0.0833333333333333 = 1/12, 0.333 !=
-  1/3); booleans are no numbers; "2,1255" is not a number; words that join or qualify answers ("12 or
-  13") are never dropped as units; two letters are a word ("no" is not "on").
+  1/3); booleans, 0^0 and \\infty^0 are no numbers; "2,1255" is not a number; two letters are a word ("no"
+  is not "on"). Only known units are dropped ("12 \\text{ wrong}" is not 12; a gold's trailing note may be
+  left out: 17 = "17\\text{ any text}"), and two units differ (5 cm != 5 m). A "####" line or final-answer
+  sentence holds one value ("#### 12 or 13", "#### not 18" are wrong; "#### 9 + 9 = 18" is 18), and its
+  minus signs count, Unicode ones too.
 - Bounded time and memory: numbers beyond 2^1000 are compared as text; sympy runs in a helper process
   (`python grader.py --serve`) capped at 512 MB and killed after 1.5 s, then replaced by a second one kept
   started and standing by. Every call returns within 2 s, from any thread, and never raises.
@@ -42,60 +46,86 @@ def _braced(s, i):  # the {...} group that opens at s[i]: its content, and the i
             return s[i + 1 : j], j + 1
     raise ValueError("unbalanced braces")  # e.g. a box cut off by the token limit
 
-def _last_boxed(text):  # "... \boxed{\frac{1}{2}}." -> "\frac{1}{2}"; "\boxed 5$" -> "5"
+def _last_boxed(text):  # "... \boxed{\frac{1}{2}}." -> "\frac{1}{2}"; "\boxed 5$" -> "5"; "\boxed 5 or 6" -> "5 or 6"
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    m = re.compile(r"\\(?:boxed|fbox)(?:\s*(\{)|\s+([^\s$]+))?").match(text, start)
+    m = re.compile(r"\\(?:boxed|fbox)(?:\s*(\{)|\s+([^$\n]+))?").match(text, start)
     if m[1]:
         return _braced(text, m.start(1))[0]
-    return m[2]  # None for an empty box: "\boxed$"
+    return m[2] and re.split(r"\\[])]", m[2])[0]  # to the end of its formula or line; None for "\boxed$"
+
+# words that join, qualify or deny answers: "12 or 13", "not 18", "5 or more", "12 \text{ unless thirteen}"
+_HEDGES = (r"\b(?i:or|and|nor|not|no|never|but|than|to|plus|minus|times|either|neither|except|unless|versus|vs|"
+           r"less|more|least|most|about|if|maybe|perhaps|possibly|probably|alternatively|otherwise|else|instead|"
+           r"rather|wrong|incorrect|false|approximately|roughly|around|nearly|almost|between|over|under)\b")
+_DASHES = re.compile("[\u2010-\u2015\u2212\ufe63\uff0d]")  # hyphens, dashes, minus signs: all are "-"
+# after "answer is": a $...$, $$...$$, \[...\] or \(...\) formula, else the rest of the sentence
+_SAID = re.compile(r"(?:\$\$(.+?)\$\$|\$((?:\\.|[^$\\])+)\$|\\[\[(](.+?)\\[\])])\s*(?:\.(?:\s|$)|\n|$)"
+                   r"|([^\n]*?)(?:\.(?:\s|$)|\n|$)", re.S)  # (no "\s*" before a sentence's end: it backtracks)
+
+def _one_value(s):
+    """The number in a GSM8K answer line, which must hold exactly one value: "$18.00 a day" -> "18.00", "9 + 9 = 18"
+    -> "18" (after an equation's last "="); "12 or 13", "not 18", "18 1/2" come back whole, for is_equiv to refuse."""
+    s = s.rsplit("=", 1)[-1].strip()
+    m = re.fullmatch(rf"((?:[a-zA-Z']+ +)*)[$*\\]*({_NUMBER})[*%]*((?:,? +[a-zA-Z']+)*)[.*]*", s)  # words number words
+    return m[2] if m and not re.search(_HEDGES, m[1] + " " + m[3]) else s or None
 
 def extract_answer(text, task):
     """The final answer in a response (task "gsm8k" or "math"), or None; never raises."""
     try:
+        text = _DASHES.sub("-", text)  # "#### \u22125" is -5
         if task == "gsm8k" and "####" in text:  # the GSM8K format: "...\n#### 18"
-            tail = text.rsplit("####", 1)[1].strip().split("\n")[0]
-            numbers = re.findall(_NUMBER, tail)
-            return numbers[0] if numbers else tail or None
+            return _one_value(text.rsplit("####", 1)[1].strip().split("\n")[0])
         if "\\boxed" in text or "\\fbox" in text:  # the last box; None if the length limit cut it off
             return _last_boxed(text)
-        if task == "gsm8k":  # the number after "the answer is", else the last number
-            numbers = re.findall(rf"answer is\s*:?\s*\$?\s*({_NUMBER})", text, re.I) or re.findall(_NUMBER, text)
+        said = [m.end() for m in re.finditer(("" if task == "gsm8k" else "final ") + r"answer is\s*:?\s*", text, re.I)]
+        if said:  # "The answer is 18." (gsm8k); "Final Answer: The final answer is $\frac{3}{4}$." (also math)
+            m = _SAID.match(text, said[-1])
+            value = next(g for g in m.groups() if g is not None).strip()
+            return _one_value(value) if task == "gsm8k" else value or None
+        if task == "gsm8k":  # else the last number
+            numbers = re.findall(_NUMBER, text)
             return numbers[-1] if numbers else None
-        said = re.findall(r"final answer is\s*\$([^$]+)\$", text, re.I)  # "The final answer is $\frac{3}{4}$."
-        return said[-1] if said else None
+        return None
     except Exception:  # None, unbalanced braces and any other malformed text: no answer
         return None
 
 
 # ---- normalization: each rule is (pattern, replacement), applied in this order ----
-# words that join or qualify answers, never units: "12 or 13", "5 at least" are not "12", "5"
-_HEDGES = ("(?i:or|and|nor|not|but|than|to|plus|minus|times|either|neither|except|less|more|least|most|about|if|is|"
-           "are|maybe|perhaps|possibly|probably|alternatively|otherwise|else|approximately|roughly|around|nearly)")
+# units, dropped after a value on either side: only these words, so "12 \text{ wrong}" is not "12"
+_UNIT = "(?i:(?:sq\\.?|square|cubic|cu\\.?) )?(?i:" + "|".join(
+    "(?:centi|milli|kilo)?(?:meter|metre)s? m cm mm km in inch(?:es)? ft foot feet yards? mi miles? acres? l ml "
+    "(?:milli)?lit(?:er|re)s? gal(?:lon)?s? quarts? pints? cups? g gm mg kg (?:kilo)?grams? lbs? pounds? oz ounces? "
+    "tons? s secs? seconds? mins? minutes? h hrs? hours? days? weeks? months? years? mph dollars? cents? usd euros? "
+    "degrees? radians? percent pct units? ways? points? students? teachers? people digits? integers? values? pieces? "
+    "boxes? edges? meals? multiples?".split()) + ")"  # and the counting words of MATH answers
 _LHS = r"^ ?(?:[a-zA-Z](?:_\{?\w+\}?)?|\([a-zA-Z, ]+\)) ?=(?!=) ?"  # "x = ", "F_n = ", "(p,q) = "
 _RULES = [(re.compile(p), r) for p, r in [
+    (_DASHES.pattern, "-"),                                # minus signs: "\u22125" -> "-5"
+    (r"(\d)(?:\{,\}|,\\!|\\,)\s*(?=\d{3}(?!\d))", r"\1"),  # LaTeX thousands: "10{,}000", "32,\!349" -> "10000", "32349"
+    (r"\\(?:left|right|big|Big|displaystyle)(?![a-zA-Z])|(?<!\\)\\!", ""),  # sizes: "\left(x" -> "(x"
+    (r"(?<!\\)\\[,;: ]|\\q?quad(?![a-zA-Z])|~", " "),     # spacing is a space: "1\,2" -> "1 2", not "12"
+    (r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|operatorname) ?\{([^{}]*)\}", r" \1 "),  # "5\text{cm}"
     (r"\s+", " "),                                         # spaces: "a \n b" -> "a b"
-    (r"(\d)(?:\{,\}|,\\!|\\,) ?(?=\d{3}(?!\d))", r"\1"),  # LaTeX thousands: "10{,}000", "32,\!349" -> "10000"
-    (r"\\(?:left|right|big|Big|displaystyle)(?![a-zA-Z])|(?<!\\)\\[!,;: ]", ""),  # sizes, spacing: "\left(x\," -> "(x"
     (r"\\[dtc]frac", r"\\frac"),                           # fraction styles: "\dfrac{1}{2}" -> "\frac{1}{2}"
-    (r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|operatorname)\{([^{}]*)\}", r"\1"),  # "\text{cm}" -> "cm"
+    (r"(\d)_\{(\d+)\}", r"\1_\2"),                         # base-n numbers: "2516_{8}" -> "2516_8"
     (r"\^\{?\\circ\}?|\\circ|\\degree|°", ""),            # degrees: "90^\circ" -> "90"
     (r"\\?[%$]", ""),                                      # percent, dollars: "28\%", "\$10" -> "28", "10"
-    (r"\s*,?\s*\b(?:and|or)\b\s*", ","),                   # lists: "6 and 8", "2 or 3", "1, 2, and 3" -> "6,8", "2,3", "1, 2,3"
-    (r"(?<=[\d})\]])\s+(?!.*\b(?:" + _HEDGES + r")\b)(?=.*[a-zA-Z][a-zA-Z.])[a-zA-Z][a-zA-Z. ]+(?:\^\d)?$",
-     ""),                                                  # units: "15 cm^2", "4:30 p.m." -> "15", "4:30"; not "4 x y"
-    (r"^ ?-?\d{1,3}(?:,\d{3})+(?:\.\d+)? ?$", lambda m: m[0].replace(",", "")),  # thousands: "7,425,000" -> "7425000"
-    (r"^ ?[a-zA-Z] ?\\in ", ""),                           # membership: "x \in [0,1)" -> "[0,1)"
+    (r"(?:(?<=[\d})\]])|(?<=\\pi)) U(?: ?(?:per|/) ?U)? ?(?:\^ ?\{?[23]\}?)?\.? ?$".replace("U", _UNIT),
+     ""),                                                  # units: "15 cm^{2}", "3 \text{ ways}" -> "15", "3"
+    (r"^ ?-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\.? ?$", lambda m: m[0].replace(",", "")),  # thousands: "7,425" -> "7425"
+    (r"\s*,?\s*\b(?:and|or)\b\s*", ","),                   # lists, after thousands ("12 or 345" is no 12,345)
+    (r"^ ?[a-zA-Z] ?\\in(?![a-zA-Z]) ?", ""),             # membership: "x \in [0,1)" -> "[0,1)"
     (_LHS, ""),                                            # named answer: "x = 3", "(p,q)=(3,2)" -> "3", "(3,2)"
     (r"\\le(?:q|qslant)?(?![a-zA-Z])|≤", "<="),           # relations: "x \leq 5" -> "x <= 5"
     (r"\\ge(?:q|qslant)?(?![a-zA-Z])|≥", ">="),           #   "x \geq 5" -> "x >= 5"
     (r"\\neq?(?![a-zA-Z])|≠", "!="),                      #   "x \ne 5" -> "x != 5"
     (r"\\(frac|sqrt) ?(\w)", r"\\\1{\2}"),                 # bare arguments: "\sqrt3" -> "\sqrt{3}"
-    (r"\\frac(\{[^{}]*\}) ?(\w)", r"\\frac\1{\2}"),        #   "\frac12" -> "\frac{1}2" -> "\frac{1}{2}"
-    (r"(?<![a-zA-Z]) | (?![a-zA-Z])", ""),                 # spaces, except between letters: "( 1, 2 )" -> "(1,2)"
+    (r"\\frac ?(\{[^{}]*\}) ?(\w)", r"\\frac\1{\2}"),      #   "\frac12", "\frac {40}7" -> "\frac{1}{2}", "\frac{40}{7}"
+    (r"(?<=[a-zA-Z]) (?![a-zA-Z])|(?<=\d) (?!\d)|(?<![a-zA-Z\d]) ", ""),  # spaces, but "a b", "1 2": "( 1 )" -> "(1)"
     (r"\.$", ""),                                           # end of sentence: "5." -> "5"
     (r"^([^<>=]+)<(=?)([a-zA-Z])<(=?)([^<>=]+)$",          # double inequality: "-2<=x<7" -> "[-2,7)"
      lambda m: ("[" if m[2] else "(") + m[1] + "," + m[5] + ("]" if m[4] else ")")),
-    (r"^(-?)(\d+)\\frac(\{\d+\}\{\d+\})$", r"\1(\2+\\frac\3)"),  # mixed number: "2\frac{1}{2}" -> "(2+\frac{1}{2})"
+    (r"^(-?)(\d+)(\\frac\{\d+\}\{\d+\}| \d+/\d+)$", r"\1(\2+\3)"),  # mixed numbers: "2 1/2" -> "(2+ 1/2)"
     (r"^\(([A-Za-z])\)$", r"\1"),                          # choice letter: "(C)" -> "C"
 ]]
 
@@ -107,7 +137,7 @@ def _normalize(s):
 
 
 # ---- structure: compound answers are compared item by item (this and below run in the helper) ----
-_MATRIX = re.compile(r"[(\[]?\\begin\{([pbvB]?matrix|array)\}(\{[^{}]*\})?(.*)\\end\{\1\}[)\]]?")
+_MATRIX = re.compile(r"[(\[]?\\begin\{([pbB]?matrix|array)\}(\{[^{}]*\})?(.*)\\end\{\1\}[)\]]?")
 
 def _split_top(s, sep):
     """s split at the regex sep outside brackets, with sep's groups kept: "(1,2),3" -> ["(1,2)", "3"]."""
@@ -254,8 +284,8 @@ class _Parser:
             value = value + self.product() if self.take() == "+" else value - self.product()
         return value
 
-    def starts_primary(self, token):
-        return token is not None and (re.fullmatch(_DIGITS, token) or token.isalpha() or token in _BRACKETS
+    def starts_primary(self, token):  # of an implicit product: "2x", "x(x+1)"; never a number: "1 2" is not 2
+        return token is not None and (token.isalpha() or token in _BRACKETS
                                       or token in _CONSTANTS or token in _FUNCS
                                       or token in ("\\frac", "\\binom", "\\sqrt", "\\sum"))
 
@@ -379,6 +409,8 @@ class _Parser:
     # Guards: integers grow fast under powers and factorials; refuse what is larger than any answer.
     def pow(self, base, exponent):
         sp = self.sp
+        if exponent.is_zero and (base.is_zero or base.is_infinite):  # sympy says 0^0 = oo^0 = 1: no value
+            raise _NotAValue("indeterminate")
         if base.is_number and exponent.is_Integer and abs(exponent) > 1:
             bits = max((max(abs(r.p), r.q).bit_length() for r in base.atoms(sp.Rational)), default=1)
             if abs(exponent) * max(bits, 2) > 2 * _MAX_BITS:
@@ -555,6 +587,15 @@ def _serve():  # python grader.py --serve: reads [a, b] JSON lines, answers 1 or
 # ---- the API ----
 _cache = {}  # (normalized pred, normalized gold) -> bool: vine sampling grades the same answers again and again
 _PLAIN = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:/\d+)?")  # "-3", "18.0", ".5", "3/4"
+# the unit an answer ends with: "5\text{ cm}^2" -> "cm", "90^\circ" -> "degree"; two answers naming two units differ
+_UNIT_AT_END = re.compile(r"(?<=[ {~,;:])(" + _UNIT + r")(?: ?\})?(?: ?\^ ?\{?[23]\}?)?(?: ?\.)? ?$|\\circ|°|\\degree")
+
+def _unit(s):  # (plurals are one unit: "inches" -> "inch", "degrees", "deg" -> "degree")
+    u = (m := _UNIT_AT_END.search(" ".join(s.split()))) and (m[1] or "degree").lower()
+    u = u and ("degree" if u[:3] == "deg" else "radian" if u[:3] == "rad" else u)
+    return u and re.sub(r"(ch|sh|x)es$|([^s])s$", r"\1\2", u)
+# a gold's trailing words (a note, not a value: "5\text{ ways}", "17\text{ any text}"); a prediction's must be units
+_NOTE = re.compile(r"(?<=[\d})\]])\s*\\(?:text|textnormal|mbox|mathrm) ?\{([^{}\d]*)\}\s*\.?\s*$")
 
 def is_equiv(pred, gold):
     """Do two already-extracted answers denote the same mathematical answer? Never raises."""
@@ -562,7 +603,11 @@ def is_equiv(pred, gold):
         if len(pred) > 1000 or len(gold) > 1000:  # no final answer is that long
             return pred.strip() == gold.strip()
         deadline = time.monotonic() + _TIME_LIMIT
+        if (u := _unit(pred)) and (v := _unit(gold)) and u != v:
+            return False  # "5\text{ cm}" is not "5\text{ m}", "90 \text{ radians}" not "90^\circ"
         a, b = _normalize(pred), _normalize(gold)
+        if (note := _NOTE.search(gold)) and not re.search(_HEDGES, note[1]):  # the gold's note may be left out:
+            a, b = a.removesuffix(_normalize(note[1])), _normalize(gold[:note.start()])  # "17" = "17\text{ any text}"
         if not a or not b:
             return False
         if a == b:  # fast path 1: the same string

@@ -245,6 +245,14 @@ EXTRACT_CASES = [
     ("so the answer is \\boxed{\\frac{1}{2}", "math", None),  # cut off by the length limit
     ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "math", "\\frac{3}{4}"),
     ("the answer is 5", "math", None),
+    ("#### 9 + 9 = 18", "gsm8k", "18"),  # the value after the equation's last "="
+    ("#### \u22125", "gsm8k", "-5"),  # a Unicode minus sign is a minus sign
+    ("#### 12 or 13", "gsm8k", "12 or 13"),  # two values: the whole line, for is_equiv to refuse
+    ("The answer is 18 or maybe 25.", "gsm8k", "18 or maybe 25"),
+    ("\\boxed 5 or 6", "math", "5 or 6"),
+    ("Final Answer: The final answer is $\\$18.90$. I hope it is correct.", "math", "\\$18.90"),
+    ("The final answer is $$5$$.", "math", "5"),
+    ("The final answer is 5.", "math", "5"),
 ]
 
 
@@ -287,7 +295,8 @@ def test_gsm8k_references():
 
 ADVERSARIAL = ["9^{9^{9}}", "37452^{18374514}", "(9999!)^{9999!}", "\\boxed{\\frac{1}{2}", "{" * 5000, "}{" * 5000,
                "1" * 100_000, "\\frac{" * 2000, "(" * 3000 + "1" + ")" * 3000, "\\sqrt{" * 400 + "2" + "}" * 400,
-               "__import__('os').system('echo hacked')", "x.__class__", "1," * 20_000, "2^{2^{2^{2^{2}}}}", None, ""]
+               "__import__('os').system('echo hacked')", "x.__class__", "1," * 20_000, "2^{2^{2^{2^{2}}}}", None, "",
+               "the answer is 1" + " " * 100_000 + "x", "#### a" + " " * 100_000 + "b", "#### 1" + " a" * 50_000 + "!"]
 
 
 @pytest.mark.parametrize("text", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
@@ -341,6 +350,17 @@ WRONG_ANSWERS = [
     ("2>1", "3>1", "relations between numbers are compared as written"),
     ("5 alternatively six", "5", "a hedge the list does not name is still no unit"),
     ("5 OR six", "5", "hedges in capitals"),
+    (r"12 \text{ or } 345", "12345", "a list is not joined into one number"),
+    (r"60 \text{ and } 120", "60120", "a list of two is not one number"),
+    (r"12 \text{ unless thirteen}", "12", "an unknown word is not a unit"),
+    (r"12 \text{ versus thirteen}", "12", "versus is not a unit"),
+    (r"12 \text{ wrong}", "12", "wrong is not a unit"),
+    (r"1\,2", "12", "spacing does not join digits"),
+    (r"\infty^{0}", "1", "infinity to the zero is no value"),
+    ("0^0", "1", "zero to the zero is no value"),
+    (r"\begin{vmatrix}1&2\\3&4\end{vmatrix}", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", "a determinant is not a matrix"),
+    (r"90 \text{ radians}", r"90^\circ", "radians are not degrees"),
+    (r"5\text{ cm}", r"5\text{ m}", "centimetres are not metres"),
 ]
 
 
@@ -349,6 +369,49 @@ def test_wrong_answer_grades_wrong(grader_helper, pred, gold):
     assert not is_equiv(pred, gold)
     assert not is_equiv(gold, pred)
     assert grade(f"so the answer is $\\boxed{{{pred}}}$", gold, "math") == 0.0
+
+
+# Each response is wrong and must grade 0: the answer line or sentence holds exactly one value (issue 24).
+WRONG_RESPONSES = [
+    ("#### \u22125", "5", "gsm8k", "a Unicode minus sign"), ("#### \u20135", "5", "gsm8k", "an en dash"),
+    ("#### --10", "-10", "gsm8k", "two minus signs"), ("#### 12 or 13", "12", "gsm8k", "two values"),
+    ("#### 18, 19", "18", "gsm8k", "a list"), ("#### 18 - 1 = 17", "18", "gsm8k", "an equation's first value"),
+    ("#### 18:30", "18", "gsm8k", "a time"), ("#### 18 1/2", "18", "gsm8k", "a mixed number"),
+    ("#### 18e3", "18", "gsm8k", "an exponent"), ("#### not 18", "18", "gsm8k", "a negation"),
+    ("#### 18\u00bd", "18", "gsm8k", "a vulgar fraction"),
+    ("The answer is 18 or maybe 25.", "18", "gsm8k", "a hedge in the answer sentence"),
+    ("\\boxed 5 or 6", "5", "math", "an unbraced box followed by another value"),
+]
+
+
+@pytest.mark.parametrize("response, gold, task", [c[:3] for c in WRONG_RESPONSES],
+                         ids=[c[3].replace(" ", "_") for c in WRONG_RESPONSES])
+def test_wrong_response_grades_wrong(grader_helper, response, gold, task):
+    assert grade(response, gold, task) == 0.0
+
+
+# Each of these is right and must grade 1 (issue 24): (answer or response, gold, task or None for is_equiv, why)
+RIGHT_ANSWERS = [
+    (r"5\,\text{cm}", "5", None, "a unit after a thin space"), (r"5\text{cm}", "5", None, "a unit without a space"),
+    (r"5~\text{cm}", "5", None, "a unit after a tie"), (r"5\text{ cm}^{2}", "5", None, "a unit with a braced power"),
+    (r"5\text{ m}", "5", None, "a one-letter unit"), ("144", r"144 \mbox{ m}^3", None, "a unit on the gold's side"),
+    ("1.85", r"1.85\ \text{USD}", None, "a currency on the gold's side"),
+    ("17", r"17\text{ any text}", None, "the gold's trailing note"),
+    ("2516_{8}", "2516_8", None, "a base-n number with a braced base"), (r"\log_2 8", "3", None, "a logarithm's base"),
+    (r"\frac {40}7", r"\frac{40}{7}", None, "a fraction's bare denominator"),
+    (r"60^\circ \text{ and } 120^\circ", r"60^\circ, 120^\circ", None, "a list of angles"),
+    ("#### 9 + 9 = 18", "18", "gsm8k", "the value after the last equals sign"),
+    ("#### The total is $1,450,000.", "1450000", "gsm8k", "one value among words"),
+    ("Final Answer: The final answer is $\\$18.90$. I hope it is correct.", r"\$18.90", "math", "the Minerva format"),
+    ("The final answer is $$5$$.", "5", "math", "a display formula"),
+    ("The final answer is 5.", "5", "math", "a plain sentence"),
+]
+
+
+@pytest.mark.parametrize("text, gold, task", [c[:3] for c in RIGHT_ANSWERS],
+                         ids=[c[3].replace(" ", "_") for c in RIGHT_ANSWERS])
+def test_right_answer_grades_right(grader_helper, text, gold, task):
+    assert (is_equiv(text, gold) if task is None else grade(text, gold, task) == 1.0)
 
 
 def test_a_malformed_thousands_separator_is_not_a_number(grader_helper):

